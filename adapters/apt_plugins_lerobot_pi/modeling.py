@@ -1,0 +1,321 @@
+"""APT forward passes for LeRobot's ``PI0Pytorch`` and ``PI05Pytorch`` (installed by class swap).
+
+One code path serves training and cached inference:
+
+1. the prefix (images + prompt) runs through the VLM once, with the language-visibility mask,
+   producing every layer's keys/values; without autograd whenever the VLM is frozen;
+2. the action expert runs on the suffix (state/action tokens) against those keys/values, and in
+   Stage 2 a gated fusion layer after each expert layer reads the corresponding VLM layer's
+   keys/values *including language*.
+
+This equals LeRobot's joint training pass (the prefix never attends to the suffix) while skipping
+all autograd work on a frozen VLM. Language is hidden by visibility, never by dropping tokens or
+changing position ids, so Stage 2 with closed gates reproduces Stage 1 bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lerobot.policies.common.flow_matching import euler_integrate
+from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d
+from lerobot.policies.pi0.modeling_pi0 import PI0Pytorch
+from lerobot.policies.pi05.modeling_pi05 import PI05Pytorch
+from lerobot.policies.pi_gemma import _gated_residual, layernorm_forward
+from torch import Tensor, nn
+from transformers.models.gemma import modeling_gemma
+
+from apt_plugins import AptConfig, GatedCrossAttention, LanguageMaskError, block_language
+
+__all__ = ["APTPI0Pytorch", "APTPI05Pytorch", "PrefixContext", "install", "fusion_layers"]
+
+
+@dataclass
+class PrefixContext:
+    """What the expert needs from the prefix: per-layer keys/values and the visibility masks."""
+
+    pad: Tensor  # (B, P) valid prefix tokens
+    language: Tensor  # (B, P) language tokens hidden from the action path
+    kv: list[tuple[Tensor, Tensor]]  # per VLM layer, post-RoPE, (B, KV, P, head_dim)
+
+
+def _layer(layer: nn.Module, hidden: Tensor, mask4d: Tensor, cos: Tensor, sin: Tensor, adarms: Tensor | None,
+           context: tuple[Tensor, Tensor] | None = None, kv_only: bool = False):
+    """One Gemma decoder layer, pure (no cache mutation) so it can be checkpointed.
+
+    Mirrors ``GemmaAttention`` + ``_PiGemmaDecoderLayerBase`` op for op. ``context`` keys/values are
+    prepended to this layer's own. Returns ``(hidden_out, (k, v))``; with ``kv_only`` only the
+    keys/values are computed (the last VLM layer feeds the expert through its K/V alone).
+    """
+    attn = layer.self_attn
+    normed, gate = layernorm_forward(layer.input_layernorm, hidden, adarms)
+    shape = (*normed.shape[:-1], -1, attn.head_dim)
+    k = attn.k_proj(normed).view(shape).transpose(1, 2)
+    v = attn.v_proj(normed).view(shape).transpose(1, 2)
+    if kv_only:
+        cos_u, sin_u = cos.unsqueeze(1), sin.unsqueeze(1)
+        k = (k * cos_u) + (modeling_gemma.rotate_half(k) * sin_u)
+        return hidden, (k, v)
+    q = attn.q_proj(normed).view(shape).transpose(1, 2)
+    q, k = modeling_gemma.apply_rotary_pos_emb(q, k, cos, sin)
+    own = (k, v)
+    if context is not None:
+        k = torch.cat([context[0], k], dim=2)
+        v = torch.cat([context[1], v], dim=2)
+    out, _ = modeling_gemma.eager_attention_forward(attn, q, k, v, mask4d, scaling=attn.scaling)
+    out = out.reshape(*normed.shape[:-1], -1)
+    if out.dtype != attn.o_proj.weight.dtype:
+        out = out.to(attn.o_proj.weight.dtype)
+    hidden = _gated_residual(hidden, attn.o_proj(out), gate)
+    residual = hidden
+    normed, gate = layernorm_forward(layer.post_attention_layernorm, hidden, adarms)
+    if layer.mlp.up_proj.weight.dtype == torch.bfloat16:
+        normed = normed.to(torch.bfloat16)
+    hidden = _gated_residual(residual, layer.mlp(normed), gate)
+    return hidden, own
+
+
+class APTPiMixin:
+    """Methods shared by the pi0 and pi0.5 APT models. State lives in ``self.__dict__``:
+
+    - ``_apt_config``: the :class:`AptConfig` in force;
+    - ``_apt_task_mask``: ``(B, L)`` task-token mask for the current call, set by the APT policy;
+    - ``apt_fusion``: the Stage-2 fusion layers (an ``nn.ModuleList``), absent in Stage 1.
+    """
+
+    _apt_uses_state_token: bool = True
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def apt_config(self) -> AptConfig:
+        return self.__dict__["_apt_config"]
+
+    def _apt_vlm_trains(self) -> bool:
+        vlm = self.paligemma_with_expert.paligemma
+        return any(p.requires_grad for p in vlm.parameters())
+
+    def _apt_language_tokens(self, lang_masks: Tensor) -> Tensor:
+        """(B, L) mask of the prompt tokens to hide: the task text, or the whole prompt."""
+        cfg = self.apt_config
+        lang_masks = lang_masks.bool()
+        if cfg.language_mask_scope == "prompt" or self._apt_uses_state_token:
+            # pi0's prompt is the task itself; its state is a separate token.
+            return lang_masks
+        task = self.__dict__.get("_apt_task_mask")
+        if task is None:
+            raise LanguageMaskError(
+                "pi0.5 puts the discretised state inside the prompt, so APT masks only the task text, "
+                "and needs its token span: batch['observation.language.task_mask'] (bool, B x L), which "
+                "the apt_pi05 processor adds. Run the batch through make_apt_pi05_pre_post_processors, "
+                "or set apt.language_mask_scope='prompt' to hide the whole prompt (state included)."
+            )
+        task = task.to(lang_masks.device).bool()
+        if task.shape != lang_masks.shape:
+            raise LanguageMaskError(
+                f"observation.language.task_mask has shape {tuple(task.shape)} but the prompt tokens have "
+                f"{tuple(lang_masks.shape)}; both must come from the same processor call."
+            )
+        return task & lang_masks
+
+    # ------------------------------------------------------------------ prefix
+    def _apt_prefix(self, images, img_masks, lang_tokens, lang_masks) -> PrefixContext:
+        cfg = self.apt_config
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._apt_vlm_trains()):
+            embs, pad, att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
+            language = torch.zeros_like(pad)
+            language[:, pad.shape[1] - lang_tokens.shape[1] :] = self._apt_language_tokens(lang_masks)
+            att_2d = make_att_2d_masks(pad, att)
+            if cfg.masks_language_in_inherited_layers:
+                att_2d = block_language(att_2d, language, language)
+            lm = self.paligemma_with_expert.paligemma.model.language_model
+            if lm.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16:
+                embs = embs.to(torch.bfloat16)
+            mask4d = prepare_attention_masks_4d(att_2d)
+            positions = torch.cumsum(pad, dim=1) - 1
+            cos, sin = lm.rotary_emb(embs, positions)
+            hidden, kv = embs, []
+            last = len(lm.layers) - 1
+            checkpointing = self.gradient_checkpointing_enabled and self.training and torch.is_grad_enabled()
+            for i, layer in enumerate(lm.layers):
+                if checkpointing and i != last:
+                    hidden, layer_kv = torch.utils.checkpoint.checkpoint(
+                        _layer, layer, hidden, mask4d, cos, sin, None, use_reentrant=False, preserve_rng_state=False
+                    )
+                else:
+                    hidden, layer_kv = _layer(layer, hidden, mask4d, cos, sin, None, kv_only=i == last)
+                kv.append(layer_kv)
+        return PrefixContext(pad=pad, language=language, kv=kv)
+
+    # ------------------------------------------------------------------ suffix
+    def _apt_suffix_embed(self, state, x_t, timestep):
+        return self.embed_suffix(state, x_t, timestep)
+
+    def _apt_velocity(self, prefix: PrefixContext, state, x_t: Tensor, timestep: Tensor) -> Tensor:
+        """One evaluation of the action expert (with fusion in Stage 2): the flow velocity."""
+        cfg = self.apt_config
+        embs, pad, att, adarms = self._apt_suffix_embed(state, x_t, timestep)
+        expert = self.paligemma_with_expert.gemma_expert.model
+        if expert.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16:
+            embs = embs.to(torch.bfloat16)
+        bsz, seq = pad.shape
+        prefix_len = prefix.pad.shape[1]
+        visible = prefix.pad[:, None, :].expand(bsz, seq, prefix_len)
+        inherited = visible & ~prefix.language[:, None, :] if cfg.masks_language_in_inherited_layers else visible
+        mask4d = prepare_attention_masks_4d(torch.cat([inherited, make_att_2d_masks(pad, att)], dim=2))
+        positions = prefix.pad.sum(dim=-1)[:, None] + torch.cumsum(pad, dim=1) - 1
+        cos, sin = expert.rotary_emb(embs, positions)
+        fusion = self._modules.get("apt_fusion")
+        fusion_mask = visible if cfg.fusion_context == "all" else visible & prefix.language[:, None, :]
+        sources = self.__dict__.get("_apt_fusion_sources")
+
+        def rotate(q: Tensor) -> Tensor:
+            return (q * cos.unsqueeze(1)) + (modeling_gemma.rotate_half(q) * sin.unsqueeze(1))
+
+        def block(hidden: Tensor, i: int) -> Tensor:
+            hidden, _ = _layer(expert.layers[i], hidden, mask4d, cos, sin, adarms, context=prefix.kv[i])
+            if fusion is not None:
+                keys, values = prefix.kv[sources[i]]
+                hidden = fusion[i](hidden, keys, values, fusion_mask, rotate_queries=rotate)
+            return hidden
+
+        hidden = embs
+        checkpointing = self.gradient_checkpointing_enabled and self.training and torch.is_grad_enabled()
+        for i in range(len(expert.layers)):
+            if checkpointing:
+                hidden = torch.utils.checkpoint.checkpoint(block, hidden, i, use_reentrant=False, preserve_rng_state=False)
+            else:
+                hidden = block(hidden, i)
+        hidden, _ = layernorm_forward(expert.norm, hidden, adarms)
+        out = hidden[:, -self.config.chunk_size :].to(torch.float32)
+        return self.action_out_proj(out)
+
+    # ------------------------------------------------------------------ host entry points
+    def _apt_loss(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise, time) -> Tensor:
+        t = time[:, None, None]
+        x_t = t * noise + (1 - t) * actions
+        u_t = noise - actions
+        prefix = self._apt_prefix(images, img_masks, lang_tokens, lang_masks)
+        v_t = self._apt_velocity(prefix, state, x_t, time)
+        return F.mse_loss(u_t, v_t, reduction="none")
+
+    def _apt_sample(self, images, img_masks, lang_tokens, lang_masks, state, noise, num_steps, **kwargs) -> Tensor:
+        num_steps = num_steps if num_steps is not None else self.config.num_inference_steps
+        bsize = lang_tokens.shape[0]
+        if noise is None:
+            shape = (bsize, self.config.chunk_size, self.config.max_action_dim)
+            noise = self.sample_noise(shape, lang_tokens.device)
+        prefix = self._apt_prefix(images, img_masks, lang_tokens, lang_masks)
+        return euler_integrate(
+            lambda x_t, timestep: self.denoise_step(
+                state=state, prefix_pad_masks=prefix.pad, past_key_values=prefix, x_t=x_t, timestep=timestep
+            ),
+            noise,
+            num_steps,
+            rtc_processor=self.rtc_processor,
+            rtc_enabled=self._rtc_enabled(),
+            inference_delay=kwargs.get("inference_delay"),
+            prev_chunk_left_over=kwargs.get("prev_chunk_left_over"),
+            execution_horizon=kwargs.get("execution_horizon"),
+        )
+
+    def denoise_step(self, state, prefix_pad_masks, past_key_values, x_t, timestep):
+        """One denoising step against a prefix computed by APT (same masking as training).
+
+        ``past_key_values`` must be the :class:`PrefixContext` that ``sample_actions`` built: a plain
+        ``DynamicCache`` lacks the language mask, and guessing it would silently leak language.
+        """
+        if not isinstance(past_key_values, PrefixContext):
+            raise LanguageMaskError(
+                "APT denoise_step needs the PrefixContext built by sample_actions (it carries the "
+                "language-visibility mask); a plain DynamicCache from the stock prefix prefill has none. "
+                "Call policy.predict_action_chunk / model.sample_actions instead."
+            )
+        return self._apt_velocity(past_key_values, state, x_t, timestep)
+
+
+class APTPI0Pytorch(APTPiMixin, PI0Pytorch):
+    """``PI0Pytorch`` with APT stages (installed on an existing instance by class swap)."""
+
+    _apt_uses_state_token = True
+
+    def forward(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise, time) -> Tensor:
+        return self._apt_loss(images, img_masks, lang_tokens, lang_masks, state, actions, noise, time)
+
+    @torch.no_grad()
+    def sample_actions(self, images, img_masks, lang_tokens, lang_masks, state, noise=None, num_steps=None, **kwargs):
+        return self._apt_sample(images, img_masks, lang_tokens, lang_masks, state, noise, num_steps, **kwargs)
+
+
+class APTPI05Pytorch(APTPiMixin, PI05Pytorch):
+    """``PI05Pytorch`` with APT stages; the state lives in the prompt, so only the task text is masked."""
+
+    _apt_uses_state_token = False
+
+    def _apt_suffix_embed(self, state, x_t, timestep):
+        return self.embed_suffix(x_t, timestep)
+
+    def forward(self, images, img_masks, tokens, masks, actions, noise, time) -> Tensor:
+        return self._apt_loss(images, img_masks, tokens, masks, None, actions, noise, time)
+
+    @torch.no_grad()
+    def sample_actions(self, images, img_masks, tokens, masks, noise=None, num_steps=None, **kwargs):
+        return self._apt_sample(images, img_masks, tokens, masks, None, noise, num_steps, **kwargs)
+
+
+_SWAPS = {PI0Pytorch: APTPI0Pytorch, PI05Pytorch: APTPI05Pytorch}
+
+
+def install(model: nn.Module, config: AptConfig) -> None:
+    """Swap ``model`` (a PI0Pytorch/PI05Pytorch) to its APT class and add the Stage-2 fusion layers."""
+    from apt_plugins import AptConfigError
+
+    if getattr(model.config, "compile_model", False):
+        raise AptConfigError(
+            "policy.compile_model", True,
+            "torch.compile stores compiled copies of forward/sample_actions at construction, which would bypass "
+            "the APT masks. Set compile_model=false (compile after preparing the stage if needed).",
+        )
+    if not isinstance(model, tuple(_SWAPS.values())):
+        base = next(b for b in _SWAPS if type(model) is b)
+        model.__class__ = _SWAPS[base]
+    model.__dict__["_apt_config"] = config
+    if config.stage != 2:
+        return
+    pwe = model.paligemma_with_expert
+    vlm_layers = len(pwe.paligemma.model.language_model.layers)
+    expert_layers = pwe.gemma_expert.model.layers
+    sources = list(config.fusion_source_layers) if config.fusion_source_layers is not None else list(
+        range(len(expert_layers))
+    )
+    if len(sources) != len(expert_layers) or any(s >= vlm_layers for s in sources):
+        raise AptConfigError(
+            "apt.fusion_source_layers", config.fusion_source_layers,
+            f"give one VLM layer index in [0, {vlm_layers - 1}] per expert layer ({len(expert_layers)} entries), "
+            "or leave it unset for the layer-aligned default.",
+        )
+    model.__dict__["_apt_fusion_sources"] = sources
+    if "apt_fusion" in model._modules:
+        return
+    attn = expert_layers[0].self_attn
+    ref = attn.q_proj.weight
+    width = expert_layers[0].input_layernorm.dim
+    layers = nn.ModuleList(
+        GatedCrossAttention(
+            width,
+            attn.config.num_attention_heads,
+            attn.head_dim,
+            gate_granularity=config.gate_granularity,
+            gate_init_logit=config.gate_init_logit,
+            zero_init=config.fusion_zero_init,
+        )
+        for _ in expert_layers
+    )
+    model.apt_fusion = layers.to(device=ref.device, dtype=torch.float32)
+
+
+def fusion_layers(model: nn.Module) -> Any:
+    """The Stage-2 fusion layers of an APT pi model, or None in Stage 1."""
+    return model._modules.get("apt_fusion")

@@ -1,0 +1,191 @@
+"""Behaviour shared by the ``apt_pi0`` and ``apt_pi05`` LeRobot policies.
+
+The APT policies are the stock ``PI0Policy``/``PI05Policy`` plus: the stage prepared at
+construction, strict checkpoint loading with Stage 1 -> Stage 2 promotion, a manifest next to the
+weights, adapter-built optimizer groups, and gate statistics after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import apt_plugins
+from apt_plugins import (
+    AptConfig,
+    CheckpointMismatchError,
+    apt_state,
+    gate_statistics,
+    get_plugin_manager,
+    load_state_dict_strict,
+    param_groups,
+    prepare_stage,
+    read_manifest,
+    write_manifest,
+)
+
+logger = logging.getLogger("apt_plugins")
+
+TASK_MASK_KEY = "observation.language.task_mask"
+FUSION_PREFIX = "model.apt_fusion."
+
+
+class APTPolicyMixin:
+    """Mixed in before ``PI0Policy``/``PI05Policy``; ``adapter_name`` picks the adapter."""
+
+    adapter_name: str
+
+    def __init__(self, config: Any, **kwargs: Any):
+        apt = AptConfig.from_settings(config.apt, prefix="policy.apt")
+        super().__init__(config, **kwargs)
+        self.apt_report = prepare_stage(self, apt, adapter=self.adapter_name)
+
+    # ------------------------------------------------------------------ config
+    @property
+    def apt_config(self) -> AptConfig:
+        """The validated APT configuration of this policy."""
+        return apt_state(self).config
+
+    @contextlib.contextmanager
+    def _task_tokens(self, batch: dict[str, Any]):
+        self.model.__dict__["_apt_task_mask"] = batch.get(TASK_MASK_KEY)
+        try:
+            yield
+        finally:
+            self.model.__dict__.pop("_apt_task_mask", None)
+
+    # ------------------------------------------------------------------ LeRobot API
+    def forward(self, batch: dict[str, Any], *args: Any, **kwargs: Any):
+        with self._task_tokens(batch):
+            return super().forward(batch, *args, **kwargs)
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Any], **kwargs: Any):
+        with self._task_tokens(batch):
+            return super().predict_action_chunk(batch, **kwargs)
+
+    def get_optim_params(self) -> list[dict[str, Any]]:
+        """Trainable parameters only, in the adapter's named groups (own lr, no decay on gates/norms)."""
+        return param_groups(self, self.config.optimizer_lr, self.config.optimizer_weight_decay)
+
+    def update(self) -> dict[str, float]:
+        """Called by LeRobot's training loop after each optimizer step: gate statistics + hook."""
+        metrics = gate_statistics(self)
+        get_plugin_manager().hook.apt_train_step(policy=self, step=None, metrics=metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Any] | None = None) -> None:
+        super()._save_pretrained(save_directory, state_dict=state_dict)
+        manifest = self.apt_manifest()
+        write_manifest(save_directory, manifest)
+        get_plugin_manager().hook.apt_checkpoint_saved(policy=self, path=str(save_directory), manifest=manifest)
+
+    def apt_manifest(self) -> dict[str, Any]:
+        """What ``apt_manifest.json`` records: stage, config, APT tensors and their provenance."""
+        state = apt_state(self)
+        report = getattr(self, "apt_load_report", None)
+        return {
+            "format": 1,
+            "apt_plugins_version": apt_plugins.__version__,
+            "adapter": state.adapter.name,
+            "host": {"name": state.adapter.host, "version": state.adapter.host_version()},
+            "policy_type": self.name,
+            "stage": state.config.stage,
+            "apt_config": state.config.model_dump(),
+            "apt_tensors": {k: list(v.shape) for k, v in self.state_dict().items() if ".apt_" in k},
+            "fresh_at_last_load": list(report.fresh) if report is not None else [],
+            "parent": getattr(self, "apt_parent", None),
+        }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_name_or_path: str | Path, *, config: Any = None, strict: bool = True,
+                        **kwargs: Any):
+        """Load strictly: every tensor in the file must be used and every model tensor present.
+
+        The one exception is promotion: a Stage-1 APT checkpoint loaded with a Stage-2 config
+        carries every tensor over and initialises only the fusion layers (listed in the report and
+        in the next manifest). ``strict=False`` is refused: silent loading is what APT guards against.
+        """
+        from lerobot.configs.policies import PreTrainedConfig
+        from safetensors.torch import load_file
+
+        if not strict:
+            raise CheckpointMismatchError(
+                str(pretrained_name_or_path), cause="APT policies load strictly; strict=False is not supported. "
+                "Use `apt-plugins retrofit` to convert a checkpoint explicitly."
+            )
+        directory = _resolve_checkpoint_dir(pretrained_name_or_path, kwargs)
+        for key in _HUB_KWARGS:  # the directory is resolved already; the constructor must not see these
+            kwargs.pop(key, None)
+        if config is None:
+            config = PreTrainedConfig.from_pretrained(directory)
+        policy = cls(config, **kwargs)
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            raise CheckpointMismatchError(str(directory), cause=f"no model.safetensors in {directory}.")
+        state_dict = load_file(str(weights))
+        state_dict = {k if k.startswith("model.") else f"model.{k}": v for k, v in state_dict.items()}
+        manifest = read_manifest(directory)
+        source_stage = manifest.get("stage") if manifest else None
+        target_stage = policy.apt_config.stage
+        promoting = source_stage == 1 and target_stage == 2
+        report = load_state_dict_strict(
+            policy,
+            state_dict,
+            source=str(directory),
+            fresh_prefixes=(FUSION_PREFIX,) if promoting else (),
+            explain=lambda missing, unexpected: _explain(manifest, source_stage, target_stage, missing, unexpected),
+        )
+        report.source_stage = source_stage
+        policy.apt_load_report = report
+        hook = get_plugin_manager().hook
+        if promoting:
+            policy.apt_parent = {"path": str(directory), "stage": 1}
+            logger.info("APT promotion Stage 1 -> Stage 2\n%s", report.summary())
+            hook.apt_stage_promoted(policy=policy, path=str(directory), report=report.as_dict())
+        else:
+            policy.apt_parent = manifest.get("parent") if manifest else None
+        hook.apt_checkpoint_loaded(policy=policy, path=str(directory), report=report.as_dict())
+        policy.to(config.device)
+        policy.eval()
+        return policy
+
+
+_HUB_KWARGS = ("force_download", "resume_download", "proxies", "token", "cache_dir", "local_files_only", "revision")
+
+
+def _resolve_checkpoint_dir(name_or_path: str | Path, kwargs: dict[str, Any]) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:  # a repo id already in the local hub cache; APT never downloads weights by itself
+        return Path(snapshot_download(str(name_or_path), local_files_only=True, revision=kwargs.get("revision")))
+    except Exception as exc:
+        raise CheckpointMismatchError(
+            str(name_or_path),
+            cause=f"not a checkpoint directory and not in the local hub cache ({type(exc).__name__}). "
+            "Download it first (huggingface-cli download ...) or pass a local directory.",
+        ) from None
+
+
+def _explain(manifest: dict | None, source: int | None, target: int, missing: list[str], unexpected: list[str]) -> str:
+    fusion_missing = any(k.startswith(FUSION_PREFIX) for k in missing)
+    fusion_unexpected = any(k.startswith(FUSION_PREFIX) for k in unexpected)
+    if manifest is None and fusion_missing:
+        return ("this is a plain LeRobot checkpoint (no apt_manifest.json), so it has no fusion layers. "
+                "Run `apt-plugins retrofit SRC OUT --stage 2`, or train Stage 1 from it and promote.")
+    if fusion_unexpected and target == 1:
+        return "this is a Stage-2 checkpoint; load it with apt.stage=2."
+    if fusion_missing and source == 2:
+        return "the checkpoint's fusion layers do not match (different fusion config or layer count)."
+    if any(".lora_" in k for k in unexpected):
+        return "the checkpoint was trained with vlm_mode='lora'; load it with the same vlm_mode."
+    return ("the checkpoint comes from a differently sized or different policy (check chunk_size, max_state_dim, "
+            "max_action_dim and the model variants in config.json).")

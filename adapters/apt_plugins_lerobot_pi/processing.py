@@ -1,0 +1,92 @@
+"""Processor steps that tell the model where the task text is inside the pi0.5 prompt.
+
+pi0.5 builds ``"Task: <task>, State: <bins>;\\nAction: "`` before tokenising. APT must hide the
+task text but keep the state visible, so the span is taken from the processor, which knows it,
+instead of being guessed from token ids: :class:`RecordTaskTextStep` keeps the cleaned task
+before the prompt is built, and :class:`TaskSpanTokenizerStep` (a ``TokenizerProcessorStep``)
+tokenises with character offsets and emits ``observation.language.task_mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lerobot.lerobot_types import EnvTransition, TransitionKey
+from lerobot.processor import ProcessorStep, ProcessorStepRegistry, TokenizerProcessorStep
+
+from apt_plugins import LanguageMaskError
+
+TASK_TEXT_KEY = "apt_task_text"
+TASK_MASK_KEY = "observation.language.task_mask"
+
+
+def clean_task(task: str) -> str:
+    """The cleaning pi0.5 applies to a task before building its prompt."""
+    return task.strip().replace("_", " ").replace("\n", " ")
+
+
+@ProcessorStepRegistry.register(name="apt_record_task_text")
+@dataclass
+class RecordTaskTextStep(ProcessorStep):
+    """Copy the (cleaned) task strings aside before the prompt is assembled around them."""
+
+    task_key: str = "task"
+
+    def __call__(self, transition: EnvTransition) -> EnvTransition:
+        transition = transition.copy()
+        data = dict(transition.get(TransitionKey.COMPLEMENTARY_DATA) or {})
+        tasks = data.get(self.task_key)
+        if tasks is not None:
+            tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+            data[TASK_TEXT_KEY] = [clean_task(t) for t in tasks]
+        transition[TransitionKey.COMPLEMENTARY_DATA] = data
+        return transition
+
+    def get_config(self) -> dict[str, Any]:
+        return {"task_key": self.task_key}
+
+    def transform_features(self, features):
+        return features
+
+
+@ProcessorStepRegistry.register(name="apt_task_span_tokenizer")
+@dataclass
+class TaskSpanTokenizerStep(TokenizerProcessorStep):
+    """``TokenizerProcessorStep`` that also marks which prompt tokens belong to the task text."""
+
+    def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
+        out = super().observation(observation)
+        prompts = self.get_task(self.transition)
+        data = self.transition.get(TransitionKey.COMPLEMENTARY_DATA) or {}
+        tasks = data.get(TASK_TEXT_KEY)
+        if tasks is None or len(tasks) != len(prompts):
+            raise LanguageMaskError(
+                "TaskSpanTokenizerStep needs the task text recorded by RecordTaskTextStep earlier in the "
+                "same pipeline (use make_apt_pi05_pre_post_processors)."
+            )
+        enc = self.input_tokenizer(
+            prompts,
+            max_length=self.max_length,
+            truncation=self.truncation,
+            padding=self.padding,
+            padding_side=self.padding_side,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+        offsets = enc["offset_mapping"]  # (B, L, 2) character spans
+        starts, ends = [], []
+        for prompt, task in zip(prompts, tasks, strict=True):
+            anchor = len("Task: ") if prompt.startswith("Task: ") else 0
+            start = prompt.find(task, anchor)
+            if start < 0:
+                raise LanguageMaskError(f"task text {task!r} not found in the prompt {prompt!r}.")
+            starts.append(start)
+            ends.append(start + len(task))
+        starts_t = torch.tensor(starts)[:, None]
+        ends_t = torch.tensor(ends)[:, None]
+        inside = (offsets[..., 0] < ends_t) & (offsets[..., 1] > starts_t) & (offsets[..., 1] > offsets[..., 0])
+        mask = inside & enc["attention_mask"].bool()
+        out[TASK_MASK_KEY] = mask.to(out["observation.language.tokens"].device)
+        return out

@@ -1,0 +1,244 @@
+"""Tiny, offline, *real* pi0/pi0.5 instances for the conformance suite and the tests.
+
+LeRobot has no tiny Gemma variant, so the construction-time lookups of ``modeling_pi0`` and
+``modeling_pi05`` are patched to shrink the real classes (``PI0Policy``, ``PaliGemma...``,
+``PiGemma...``); nothing is mocked, and nothing is downloaded. The patches matter only while a
+policy is being constructed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+from apt_plugins import AptConfig
+
+TINY_VOCAB = 1024
+IMAGE_KEY = "observation.images.top"
+TOKENS_KEY = "observation.language.tokens"
+MASK_KEY = "observation.language.attention_mask"
+TASK_MASK_KEY = "observation.language.task_mask"
+
+
+@contextlib.contextmanager
+def tiny_pi_patches(width: int = 64, depth: int = 2, mlp_dim: int = 128, head_dim: int = 8,
+                    vision_width: int = 32, vision_layers: int = 1):
+    """Shrink LeRobot's pi0/pi0.5 at construction time (8 heads: LeRobot hard-codes them)."""
+    from lerobot.policies.pi0 import modeling_pi0
+    from lerobot.policies.pi05 import modeling_pi05
+
+    def gemma_config(variant: str, mod: Any = modeling_pi0):
+        return mod.GemmaConfig(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=8, num_kv_heads=1,
+                               head_dim=head_dim)
+
+    def shrink(real_cls: type, vlm: bool):
+        def factory(config: Any, **kw: Any):
+            if vlm:
+                vc = config.vision_config
+                vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers = vision_width, 2 * vision_width, vision_layers
+                vc.num_attention_heads, vc.patch_size = 2, 14
+                vc.projection_dim = config.text_config.hidden_size
+                config.text_config.vocab_size = config._vocab_size = TINY_VOCAB
+            else:
+                config.vocab_size = TINY_VOCAB
+            return real_cls(config=config, **kw)
+
+        return factory
+
+    with contextlib.ExitStack() as stack:
+        for mod in (modeling_pi0, modeling_pi05):
+            stack.enter_context(mock.patch.object(mod, "get_gemma_config", lambda v, m=mod: gemma_config(v, m)))
+            stack.enter_context(mock.patch.object(
+                mod, "PaliGemmaForConditionalGenerationWithPiGemma",
+                shrink(mod.PaliGemmaForConditionalGenerationWithPiGemma, vlm=True)))
+            stack.enter_context(mock.patch.object(mod, "PiGemmaForCausalLM", shrink(mod.PiGemmaForCausalLM, vlm=False)))
+        yield
+
+
+def tiny_features() -> tuple[dict, dict]:
+    """Input/output features of the tiny policies: one 28x28 camera, 6-D state and action."""
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    inputs = {
+        IMAGE_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=(3, 28, 28)),
+        "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(6,)),
+    }
+    outputs = {"action": PolicyFeature(type=FeatureType.ACTION, shape=(6,))}
+    return inputs, outputs
+
+
+TINY_FIELDS = dict(device="cpu", chunk_size=4, n_action_steps=4, max_state_dim=8, max_action_dim=8,
+                   num_inference_steps=2, image_resolution=(28, 28))
+
+
+class PiConformanceKit:
+    """Builds tiny real pi0 (``lerobot_pi0``) or pi0.5 (``lerobot_pi05``) policies and batches."""
+
+    batch_size = 2
+    prompt_len = 8
+
+    def __init__(self, adapter_name: str):
+        self.adapter_name = adapter_name
+        self.is_pi05 = adapter_name == "lerobot_pi05"
+
+    # ------------------------------------------------------------------ policies
+    def stage_configs(self) -> dict[str, AptConfig]:
+        """The configurations every check runs on."""
+        return {
+            "stage1": AptConfig(stage=1),
+            "stage2_frozen": AptConfig(stage=2),
+            "stage2_lora": AptConfig(stage=2, vlm_mode="lora", lora_rank=4, lora_alpha=8),
+            "stage2_full": AptConfig(stage=2, vlm_mode="full"),
+        }
+
+    def _classes(self):
+        if self.is_pi05:
+            from lerobot.policies.pi05.configuration_pi05 import PI05Config
+            from lerobot.policies.pi05.modeling_pi05 import PI05Policy
+
+            from .configuration_apt_pi05 import APTPI05Config
+            from .modeling_apt_pi05 import APTPI05Policy
+
+            return PI05Config, PI05Policy, APTPI05Config, APTPI05Policy
+        from lerobot.policies.pi0.configuration_pi0 import PI0Config
+        from lerobot.policies.pi0.modeling_pi0 import PI0Policy
+
+        from .configuration_apt_pi0 import APTPI0Config
+        from .modeling_apt_pi0 import APTPI0Policy
+
+        return PI0Config, PI0Policy, APTPI0Config, APTPI0Policy
+
+    def policy_config(self, apt: AptConfig | None, **overrides: Any):
+        """The host config (stock when ``apt`` is None, else the APT type) at tiny size."""
+        stock_cfg, _, apt_cfg, _ = self._classes()
+        inputs, outputs = tiny_features()
+        fields = {**TINY_FIELDS, "input_features": inputs, "output_features": outputs, **overrides}
+        if apt is None:
+            return stock_cfg(**fields)
+        return apt_cfg(**fields, apt=apt.to_settings())
+
+    def build(self, apt: AptConfig | None, seed: int = 0, **overrides: Any):
+        """A fresh tiny policy: stock ``PI0Policy``/``PI05Policy`` when ``apt`` is None."""
+        _, stock_policy, _, apt_policy = self._classes()
+        config = self.policy_config(apt, **overrides)
+        torch.manual_seed(seed)
+        with tiny_pi_patches():
+            policy = (stock_policy if apt is None else apt_policy)(config)
+        return policy.train()
+
+    def save(self, policy: Any, path: Path) -> None:
+        policy.save_pretrained(path)
+
+    def load(self, path: Path, apt: AptConfig, **kwargs: Any):
+        """Load a checkpoint into an APT policy configured with ``apt`` (promotion when 1 -> 2)."""
+        _, _, _, apt_policy = self._classes()
+        with tiny_pi_patches():
+            return apt_policy.from_pretrained(path, config=self.policy_config(apt), **kwargs)
+
+    # ------------------------------------------------------------------ batches
+    def make_batch(self, instruction: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A training batch; ``instruction`` changes only the task tokens of the prompt."""
+        g = torch.Generator().manual_seed(seed)
+        b, length = self.batch_size, self.prompt_len
+        n_task = 4 if self.is_pi05 else 6
+        task = torch.randint(10, TINY_VOCAB, (b, n_task), generator=torch.Generator().manual_seed(1000 + instruction))
+        rest = torch.randint(10, TINY_VOCAB, (b, length - n_task), generator=g)
+        tokens = torch.cat([task, rest], dim=1)
+        mask = torch.ones(b, length, dtype=torch.bool)
+        mask[:, -1] = False  # right padding, as the LeRobot tokenizer step produces
+        tokens[:, -1] = 0
+        task_mask = torch.zeros(b, length, dtype=torch.bool)
+        task_mask[:, :n_task] = True
+        return {
+            IMAGE_KEY: torch.rand(b, 3, 28, 28, generator=g),
+            "observation.state": torch.rand(b, 6, generator=g) * 2 - 1,
+            "action": torch.rand(b, 4, 6, generator=g) * 2 - 1,
+            TOKENS_KEY: tokens,
+            MASK_KEY: mask,
+            TASK_MASK_KEY: task_mask,
+        }
+
+    def probes(self, batch: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Non-language changes a Stage-1 policy must still react to (it is not a constant)."""
+        image = dict(batch)
+        image[IMAGE_KEY] = 1.0 - batch[IMAGE_KEY]
+        probes = {"image": image}
+        state = dict(batch)
+        if self.is_pi05:  # the state is in the prompt: change the state tokens, keep the task
+            tokens = batch[TOKENS_KEY].clone()
+            tokens[:, 4:-1] = (tokens[:, 4:-1] + 7) % TINY_VOCAB
+            state[TOKENS_KEY] = tokens
+        else:
+            state["observation.state"] = -batch["observation.state"]
+        probes["state"] = state
+        return probes
+
+    # ------------------------------------------------------------------ evaluation
+    def loss(self, policy: Any, batch: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
+        """Training loss with noise and time fixed by ``seed``."""
+        torch.manual_seed(seed)
+        loss, _ = policy.forward(batch)
+        return loss
+
+    def actions(self, policy: Any, batch: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
+        """``predict_action_chunk`` with the sampling noise fixed by ``seed``."""
+        obs = {k: v for k, v in batch.items() if k != "action"}
+        torch.manual_seed(seed)
+        policy.reset()
+        return policy.predict_action_chunk(obs)
+
+    def perturb_fusion(self, policy: Any, seed: int = 0) -> None:
+        """Open the fusion layers (random output projections) so their effect can be observed."""
+        from .modeling import fusion_layers
+
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in fusion_layers(policy.model):
+                layer.o_proj.weight.copy_(torch.randn(layer.o_proj.weight.shape, generator=g) * 0.5)
+
+    def set_gradient_checkpointing(self, policy: Any, enabled: bool) -> None:
+        if enabled:
+            policy.model.gradient_checkpointing_enable()
+        else:
+            policy.model.gradient_checkpointing_disable()
+
+
+# ---------------------------------------------------------------------- tokenizer fixture
+PALIGEMMA_REPO = "google/paligemma-3b-pt-224"
+
+
+def write_tokenizer_fixture(hub_cache: Path, repo_id: str = PALIGEMMA_REPO, words: list[str] | None = None) -> Path:
+    """Install a tiny word-level tokenizer under ``repo_id`` in a scratch hub cache.
+
+    LeRobot's pi0/pi0.5 processors load ``google/paligemma-3b-pt-224`` by name; with
+    ``HF_HUB_CACHE=<hub_cache> HF_HUB_OFFLINE=1`` they get this one instead, so the real processor
+    code runs offline. The vocabulary holds the digits 0..255 (pi0.5 state bins), the prompt
+    scaffolding and ``words``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<pad>", "<eos>", "<bos>", "<unk>", "Task", "State", "Action", ":", ",", ";", "\n"]
+    default_words = ("pick place push open close the a red green blue yellow cube bowl plate block drawer "
+                     "cup left right up down into on of and to lift move grasp put stack").split()
+    vocab_words = base + [str(i) for i in range(256)] + default_words + list(words or [])
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(vocab_words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")
+    org, name = repo_id.split("/")
+    root = Path(hub_cache) / f"models--{org}--{name}"
+    commit = "0" * 40
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(snapshot)
+    (snapshot / "config.json").write_text(json.dumps({}))  # AutoTokenizer resolves a model config first
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return snapshot

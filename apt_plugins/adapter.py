@@ -1,0 +1,124 @@
+"""The adapter contract: what an architecture adapter must provide.
+
+An adapter teaches apt-plugins one host architecture (LeRobot pi0, GR00T N1.7, ...). It never
+modifies the host's classes: it swaps the class of existing module *instances* for subclasses,
+adds new modules, and describes the host's parameter layout. The core does the rest (freezing,
+LoRA, optimizer groups, strict checkpoints, the conformance suite).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import AptConfig
+    from .testing.kit import ConformanceKit
+
+__all__ = ["Adapter", "VLM_GROUPS", "GROUPS"]
+
+#: Parameter groups of the VLM. Stage 1 freezes them all; Stage 2 trains them per ``vlm_mode``.
+VLM_GROUPS: tuple[str, ...] = ("vision_tower", "projector", "language_model")
+#: Every group an adapter's :meth:`Adapter.module_groups` may name. ``unused`` is for parameters the
+#: host keeps but never uses on the action path (a dead ``lm_head``); they stay frozen.
+GROUPS: tuple[str, ...] = (*VLM_GROUPS, "action_expert", "fusion", "unused")
+
+
+class Adapter:
+    """Base class of an architecture adapter.
+
+    Required class attributes (checked when the adapter is registered):
+
+    - ``name``: lowercase snake_case, unique (``lerobot_pi0``).
+    - ``host``: the host distribution whose version is checked (``lerobot``).
+    - ``supported_host_versions``: a PEP 440 specifier (``==0.6.1``).
+    - ``description``: one line for ``apt-plugins list``.
+
+    Optional: ``policy_types`` (the host type names it handles, e.g. ``("pi0",)``),
+    ``apt_policy_types`` (the APT types it registers with the host, e.g. ``("apt_pi0",)``).
+
+    Required methods: :meth:`matches`, :meth:`module_groups`, :meth:`inject`. Everything APT adds to a
+    model must have a module path containing ``.apt_`` (the parameter prefix), so APT tensors can
+    be found by name in state dicts, optimizer groups and manifests.
+    """
+
+    name: ClassVar[str]
+    host: ClassVar[str]
+    supported_host_versions: ClassVar[str]
+    description: ClassVar[str] = ""
+    policy_types: ClassVar[tuple[str, ...]] = ()
+    apt_policy_types: ClassVar[tuple[str, ...]] = ()
+    parameter_prefix: ClassVar[str] = "apt_"
+
+    # ----------------------------------------------------------------------------- required
+    def matches(self, policy: Any) -> bool:
+        """Return True if this adapter handles ``policy`` (a host policy or model instance)."""
+        raise NotImplementedError
+
+    def module_groups(self, policy: Any) -> dict[str, list[str]]:
+        """Map each group in :data:`GROUPS` to module-path prefixes (relative to ``policy``).
+
+        Every parameter of the prepared policy must fall under exactly one prefix (the longest
+        match wins); the core refuses to prepare a stage otherwise, so nothing trains or freezes by
+        accident.
+        """
+        raise NotImplementedError
+
+    def inject(self, policy: Any, config: AptConfig) -> None:
+        """Install the stage on ``policy`` in place.
+
+        Stage 1: language masking on every attention path that reaches the action/state tokens,
+        the VLM prefix computed without autograd when it is frozen. Stage 2: additionally the gated
+        fusion layers (zero-initialised output when ``config.fusion_zero_init``), under module
+        paths containing ``.apt_``. Must be idempotent for the same config and raise
+        :class:`~apt_plugins.errors.AptConfigError` for settings the host cannot honour.
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- optional
+    def lora_targets(self, policy: Any, config: AptConfig) -> tuple[str, list[str] | str]:
+        """Return ``(module path of the VLM language model, targets)`` for LoRA.
+
+        Targets are module-name suffixes (a list) or a regex over full module names (a str), as peft's
+        ``target_modules`` accepts them. ``config.lora_targets`` overrides them when set.
+        """
+        raise NotImplementedError(f"adapter {self.name!r} does not support vlm_mode='lora'")
+
+    def masking_summary(self, policy: Any, config: AptConfig) -> str:
+        """One human-readable line describing the language masking in force."""
+        return "language masked from the action path" if config.masks_language_in_inherited_layers else (
+            "language visible to inherited layers"
+        )
+
+    def gate_values(self, policy: Any) -> dict[str, Any]:
+        """Return ``{layer name: sigmoid(gate) tensor}`` for each fusion layer (empty in Stage 1)."""
+        return {}
+
+    def host_version(self) -> str | None:
+        """The installed version of :attr:`host`, or None when it is not installed."""
+        from importlib import metadata
+
+        try:
+            return metadata.version(self.host)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def check_host_version(self) -> None:
+        """Raise :class:`~apt_plugins.errors.HostVersionError` if the host version is unsupported."""
+        from packaging.specifiers import SpecifierSet
+
+        from .errors import HostVersionError
+
+        installed = self.host_version()
+        if installed is None or installed not in SpecifierSet(self.supported_host_versions):
+            raise HostVersionError(self.name, self.host, installed, self.supported_host_versions)
+
+    def conformance_kit(self) -> ConformanceKit | None:
+        """Return the kit that builds tiny real host instances for the conformance suite.
+
+        An adapter without a kit is reported as *untested* by the suite (a failing check, not a
+        skip), so every in-tree adapter ships one.
+        """
+        return None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {getattr(self, 'name', '?')!r}>"

@@ -1,0 +1,153 @@
+"""The one error taxonomy of apt-plugins.
+
+Every error says *who* (field, adapter, checkpoint), *what* (the value that was wrong) and *how to
+fix it*, in that order. Catch :class:`AptError` to catch them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "AptError",
+    "AptConfigError",
+    "AdapterError",
+    "AdapterValidationError",
+    "UnknownAdapterError",
+    "NoAdapterFoundError",
+    "HostVersionError",
+    "CheckpointMismatchError",
+    "LanguageMaskError",
+]
+
+
+class AptError(Exception):
+    """Base class of every error raised by apt-plugins."""
+
+
+class AptConfigError(AptError, ValueError):
+    """An APT configuration value is invalid.
+
+    :param field: dotted path of the offending field (``apt.stage``).
+    :param value: the value that was given.
+    :param fix: what to do instead (allowed values, or the option to change).
+    """
+
+    def __init__(self, field: str, value: object, fix: str):
+        self.field = field
+        self.value = value
+        self.fix = fix
+        super().__init__(f"invalid APT config: {field}={value!r}. {fix}")
+
+
+class AdapterError(AptError):
+    """Base class for adapter lookup and validation problems."""
+
+
+class AdapterValidationError(AdapterError):
+    """An adapter failed validation when it was registered.
+
+    :param adapter: the adapter name (or class name when the name itself is missing).
+    :param message: what is wrong and how to fix it.
+    """
+
+    def __init__(self, adapter: str, message: str):
+        self.adapter = adapter
+        super().__init__(f"adapter {adapter!r} is invalid: {message}")
+
+
+class UnknownAdapterError(AdapterError, KeyError):
+    """No adapter is registered under the requested name."""
+
+    def __init__(self, name: str, known: Iterable[str], suggestion: str | None = None):
+        self.name = name
+        self.known = sorted(known)
+        hint = f" Did you mean {suggestion!r}?" if suggestion else ""
+        super().__init__(
+            f"unknown adapter {name!r}.{hint} Known adapters: {', '.join(self.known) or '(none)'}. "
+            "Run `apt-plugins list` to see what is installed and what failed to load."
+        )
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self.args[0]
+
+
+class NoAdapterFoundError(AdapterError):
+    """No registered adapter accepts the given host policy or model."""
+
+    def __init__(self, obj: object, known: Iterable[str]):
+        self.obj_type = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        super().__init__(
+            f"no APT adapter accepts a {self.obj_type}. Registered adapters: "
+            f"{', '.join(sorted(known)) or '(none)'}. Install the adapter for this host "
+            "(see `apt-plugins list`) or write one (CONTRIBUTING.md, 'Add an adapter')."
+        )
+
+
+class HostVersionError(AptError):
+    """The installed host library version is outside the adapter's supported range."""
+
+    def __init__(self, adapter: str, host: str, installed: str | None, supported: str):
+        self.adapter = adapter
+        self.host = host
+        self.installed = installed
+        self.supported = supported
+        have = f"version {installed} is installed" if installed else "it is not installed"
+        super().__init__(
+            f"adapter {adapter!r} supports {host} {supported}, but {have}. "
+            f"Install a supported version: pip install '{host}{supported}'."
+        )
+
+
+class CheckpointMismatchError(AptError):
+    """A checkpoint does not match the model it is loaded into.
+
+    Missing and unexpected tensors are grouped by module, and the likely cause is stated.
+
+    :param source: the checkpoint path.
+    :param missing: parameter names the model expects but the checkpoint lacks.
+    :param unexpected: tensor names in the checkpoint the model does not have.
+    :param cause: the most likely reason and its fix.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        cause: str = "",
+        mismatched: Iterable[str] = (),
+    ):
+        self.source = str(source)
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted(mismatched)
+        self.cause = cause
+        lines = [f"checkpoint {self.source} does not match the model; nothing was loaded."]
+        for title, keys in (
+            ("missing from the checkpoint", self.missing),
+            ("unexpected in the checkpoint", self.unexpected),
+            ("shape mismatch", self.mismatched),
+        ):
+            if keys:
+                lines.append(f"  {title} ({len(keys)} tensors):")
+                lines.extend(f"    {group}: {n} tensors, e.g. {ex}" for group, n, ex in group_keys(keys))
+        if cause:
+            lines.append(f"  likely cause: {cause}")
+        super().__init__("\n".join(lines))
+
+
+class LanguageMaskError(AptError):
+    """The language mask APT needs cannot be built from the inputs given."""
+
+
+def group_keys(keys: Iterable[str], depth: int = 4) -> list[tuple[str, int, str]]:
+    """Group dotted tensor names by their first ``depth`` components, layer indices folded to ``*``.
+
+    Returns ``(group, count, example)`` rows, largest group first.
+    """
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        parts = ["*" if p.isdigit() else p for p in key.split(".")[:-1]]
+        groups.setdefault(".".join(parts[:depth]) or "<root>", []).append(key)
+    return sorted(((g, len(v), v[0]) for g, v in groups.items()), key=lambda r: (-r[1], r[0]))

@@ -1,0 +1,33 @@
+"""Language-visibility masks shared by adapters.
+
+APT masks *visibility*: language tokens stay in the sequence with their positions, but rows that
+must not see language lose those columns. Dropping tokens instead would shift position ids and make
+Stage 2 unable to reproduce Stage 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["block_language", "merge_language_columns"]
+
+
+def block_language(mask: Any, query_is_language: Any, key_is_language: Any) -> Any:
+    """Remove language keys from every non-language query of a boolean attention mask.
+
+    :param mask: ``(B, Q, K)`` boolean, True where attention is allowed.
+    :param query_is_language: ``(B, Q)`` boolean, True for language queries (they keep their view).
+    :param key_is_language: ``(B, K)`` boolean, True for language keys to hide.
+    :return: the masked ``(B, Q, K)`` boolean mask (a new tensor).
+    """
+    blocked = (~query_is_language)[:, :, None] & key_is_language[:, None, :]
+    return mask & ~blocked
+
+
+def merge_language_columns(prefix_len: int, language_start: int, language_mask: Any) -> Any:
+    """Place a ``(B, L)`` language mask at ``language_start`` of a ``(B, prefix_len)`` prefix mask."""
+    import torch
+
+    out = torch.zeros(language_mask.shape[0], prefix_len, dtype=torch.bool, device=language_mask.device)
+    out[:, language_start : language_start + language_mask.shape[1]] = language_mask.bool()
+    return out
