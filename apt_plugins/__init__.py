@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from .adapter import GROUPS, VLM_GROUPS, Adapter
-from .checkpoint import LoadReport, fingerprint, load_state_dict_strict, read_manifest, write_manifest
+from .checkpoint import LoadReport, explain_mismatch, fingerprint, load_state_dict_strict, read_manifest, write_manifest
 from .config import AptConfig, AptSettings
 from .errors import (
     AdapterError,
@@ -58,6 +58,7 @@ __all__ = [
     "VLM_GROUPS",
     "__version__",
     "apt_state",
+    "explain_mismatch",
     "block_language",
     "fingerprint",
     "gate_statistics",

@@ -17,6 +17,7 @@ from .errors import CheckpointMismatchError
 
 __all__ = [
     "MANIFEST_NAME",
+    "explain_mismatch",
     "LoadReport",
     "load_state_dict_strict",
     "read_manifest",
@@ -149,3 +150,26 @@ def fingerprint(model: Any, names: Iterable[str] | None = None, frozen_only: boo
             continue
         out[name] = tensor_fingerprint(param)
     return out
+
+
+def explain_mismatch(
+    manifest: dict[str, Any] | None, source_stage: int | None, target_stage: int, missing: list[str], unexpected: list[str]
+) -> str:
+    """The likely cause of a checkpoint/model mismatch, from the APT tensors involved (``.apt_`` names)."""
+    apt_missing = any(".apt_" in k for k in missing)
+    apt_unexpected = any(".apt_" in k for k in unexpected)
+    if manifest is None and apt_missing:
+        return (
+            "this is a plain LeRobot checkpoint (no apt_manifest.json), so it has no fusion layers. "
+            "Run `apt-plugins retrofit SRC OUT --stage 2`, or train Stage 1 from it and promote."
+        )
+    if apt_unexpected and target_stage == 1:
+        return "this is a Stage-2 checkpoint; load it with apt.stage=2."
+    if apt_missing and source_stage == 2:
+        return "the checkpoint's fusion layers do not match this config (fusion settings or layer count differ)."
+    if any(".lora_" in k for k in unexpected):
+        return "the checkpoint was trained with vlm_mode='lora'; load it with the same vlm_mode."
+    return (
+        "the checkpoint comes from a differently sized or different policy (compare chunk_size, max_state_dim, "
+        "max_action_dim and the model variants in its config.json with yours)."
+    )

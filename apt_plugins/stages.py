@@ -210,16 +210,16 @@ def _apply_trainability(policy: Any, adapter: Adapter, config: AptConfig, groups
         else:
             c.frozen_tensors += 1
             c.frozen_elements += param.numel()
-    # Whole modules with nothing trainable stay in eval mode (dropout off, as a frozen VLM should be).
-    for group, paths in adapter.module_groups(policy).items():
-        for path in paths:
-            try:
-                module = policy.get_submodule(path)
-            except AttributeError:
-                continue  # a parameter path, not a module
-            params = list(module.parameters())
-            if params and not any(p.requires_grad for p in params):
-                freeze_module(module)
+    # Every module with nothing trainable stays in eval mode (dropout off, as a frozen VLM should be).
+    # Parents come before children in named_modules(), so freezing the top-most one covers the rest.
+    frozen: list[str] = []
+    for path, module in policy.named_modules():
+        if any(path.startswith(f + ".") for f in frozen) or module is policy:
+            continue
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            freeze_module(module)
+            frozen.append(path)
     fusion = sum(1 for n in groups if groups[n] == "fusion" and n.endswith("gate.logit"))
     return StageReport(
         adapter=adapter.name,

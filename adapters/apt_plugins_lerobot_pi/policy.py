@@ -18,6 +18,7 @@ import apt_plugins
 from apt_plugins import (
     AptConfig,
     CheckpointMismatchError,
+    explain_mismatch,
     apt_state,
     gate_statistics,
     get_plugin_manager,
@@ -139,7 +140,7 @@ class APTPolicyMixin:
             state_dict,
             source=str(directory),
             fresh_prefixes=(FUSION_PREFIX,) if promoting else (),
-            explain=lambda missing, unexpected: _explain(manifest, source_stage, target_stage, missing, unexpected),
+            explain=lambda missing, unexpected: explain_mismatch(manifest, source_stage, target_stage, missing, unexpected),
         )
         report.source_stage = source_stage
         policy.apt_load_report = report
@@ -173,19 +174,3 @@ def _resolve_checkpoint_dir(name_or_path: str | Path, kwargs: dict[str, Any]) ->
             cause=f"not a checkpoint directory and not in the local hub cache ({type(exc).__name__}). "
             "Download it first (huggingface-cli download ...) or pass a local directory.",
         ) from None
-
-
-def _explain(manifest: dict | None, source: int | None, target: int, missing: list[str], unexpected: list[str]) -> str:
-    fusion_missing = any(k.startswith(FUSION_PREFIX) for k in missing)
-    fusion_unexpected = any(k.startswith(FUSION_PREFIX) for k in unexpected)
-    if manifest is None and fusion_missing:
-        return ("this is a plain LeRobot checkpoint (no apt_manifest.json), so it has no fusion layers. "
-                "Run `apt-plugins retrofit SRC OUT --stage 2`, or train Stage 1 from it and promote.")
-    if fusion_unexpected and target == 1:
-        return "this is a Stage-2 checkpoint; load it with apt.stage=2."
-    if fusion_missing and source == 2:
-        return "the checkpoint's fusion layers do not match (different fusion config or layer count)."
-    if any(".lora_" in k for k in unexpected):
-        return "the checkpoint was trained with vlm_mode='lora'; load it with the same vlm_mode."
-    return ("the checkpoint comes from a differently sized or different policy (check chunk_size, max_state_dim, "
-            "max_action_dim and the model variants in config.json).")
