@@ -25,8 +25,11 @@ class AptError(Exception):
     """Base class of every error raised by apt-plugins."""
 
 
-class AptConfigError(AptError, ValueError):
+class AptConfigError(AptError):
     """An APT configuration value is invalid.
+
+    Deliberately not a ValueError: config parsers such as draccus wrap ValueErrors in their own
+    generic message, which would hide the field, the value and the fix.
 
     :param field: dotted path of the offending field (``apt.stage``).
     :param value: the value that was given.
