@@ -3,6 +3,7 @@
 Commands:
 
 - ``apt-plugins list``: plugins (with load errors), adapters, supported and installed host versions.
+- ``apt-plugins report``: the Stage 1 -> Stage 2 invariant report on tiny real models.
 - ``apt-plugins recipes``: the recipes shipped in the package.
 """
 
@@ -69,6 +70,12 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report
+
+    return run_report(args.adapter or None, steps=args.steps)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="apt-plugins", description="APT (Action-expert PreTraining) for VLA policies.")
@@ -77,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
     p.set_defaults(func=_cmd_list)
+    p = sub.add_parser("report", help="the Stage 1 -> Stage 2 invariant report on tiny real models (CPU, offline)")
+    p.add_argument("--adapter", action="append", help="adapter name (repeatable; default: all with a kit)")
+    p.add_argument("--steps", type=int, default=20, help="training steps per stage")
+    p.set_defaults(func=_cmd_report)
     p = sub.add_parser("recipes", help="list the recipes shipped in the package")
     p.set_defaults(func=_cmd_recipes)
     return parser
