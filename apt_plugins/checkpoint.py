@@ -66,12 +66,14 @@ def load_state_dict_strict(
     *,
     source: str,
     fresh_prefixes: Iterable[str] = (),
+    fresh_substrings: Iterable[str] = (),
     explain: Callable[[list[str], list[str]], str] | None = None,
 ) -> LoadReport:
     """Load ``state_dict`` into ``model`` only if every tensor is accounted for.
 
     A model tensor may be absent from the file only if its name starts with one of
-    ``fresh_prefixes`` (for example the Stage-2 fusion layers during promotion). LoRA-wrapped
+    ``fresh_prefixes`` (the Stage-2 fusion layers during promotion) or contains one of
+    ``fresh_substrings`` (``.lora_`` when LoRA is attached for the first time). LoRA-wrapped
     modules accept the plain key (``q_proj.weight`` for ``q_proj.base_layer.weight``).
 
     :param explain: ``(missing, unexpected) -> likely cause`` for the error message.
@@ -82,6 +84,7 @@ def load_state_dict_strict(
     expected = model.state_dict()
     aliases = _aliases(model)
     fresh_prefixes = tuple(fresh_prefixes)
+    fresh_substrings = tuple(fresh_substrings)
     mapped: dict[str, Any] = {}
     missing: list[str] = []
     fresh: list[str] = []
@@ -91,7 +94,8 @@ def load_state_dict_strict(
         candidates = [name, name.replace(".base_layer.", ".")] + [a for a in aliases.get(name, []) if a != name]
         key = next((c for c in candidates if c in state_dict), None)
         if key is None:
-            (fresh if name.startswith(fresh_prefixes) or ".lora_" in name else missing).append(name)
+            is_fresh = name.startswith(fresh_prefixes) or any(sub in name for sub in fresh_substrings)
+            (fresh if is_fresh else missing).append(name)
             continue
         used.add(key)
         value = state_dict[key]

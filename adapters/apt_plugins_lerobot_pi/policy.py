@@ -135,11 +135,15 @@ class APTPolicyMixin:
         source_stage = manifest.get("stage") if manifest else None
         target_stage = policy.apt_config.stage
         promoting = source_stage == 1 and target_stage == 2
+        # LoRA tensors are fresh only where LoRA is attached now for the first time.
+        source_mode = (manifest or {}).get("apt_config", {}).get("vlm_mode", "frozen")
+        new_lora = policy.apt_config.vlm_mode == "lora" and source_mode != "lora"
         report = load_state_dict_strict(
             policy,
             state_dict,
             source=str(directory),
             fresh_prefixes=(FUSION_PREFIX,) if promoting else (),
+            fresh_substrings=(".lora_",) if new_lora else (),
             explain=lambda missing, unexpected: explain_mismatch(manifest, source_stage, target_stage, missing, unexpected),
         )
         report.source_stage = source_stage
