@@ -34,7 +34,9 @@ class Adapter:
     - ``description``: one line for ``apt-plugins list``.
 
     Optional: ``policy_types`` (the host type names it handles, e.g. ``("pi0",)``),
-    ``apt_policy_types`` (the APT types it registers with the host, e.g. ``("apt_pi0",)``).
+    ``apt_policy_types`` (the APT types it registers with the host, e.g. ``("apt_pi0",)``, paired
+    with ``policy_types`` by position), ``host_modules`` (modules to import so the host knows those
+    types, e.g. LeRobot ``configuration_apt_pi0`` modules).
 
     Required methods: :meth:`matches`, :meth:`module_groups`, :meth:`inject`. Everything APT adds to a
     model must have a module path containing ``.apt_`` (the parameter prefix), so APT tensors can
@@ -47,6 +49,7 @@ class Adapter:
     description: ClassVar[str] = ""
     policy_types: ClassVar[tuple[str, ...]] = ()
     apt_policy_types: ClassVar[tuple[str, ...]] = ()
+    host_modules: ClassVar[tuple[str, ...]] = ()
     parameter_prefix: ClassVar[str] = "apt_"
 
     # ----------------------------------------------------------------------------- required
@@ -88,6 +91,20 @@ class Adapter:
         return "language masked from the action path" if config.masks_language_in_inherited_layers else (
             "language visible to inherited layers"
         )
+
+    def fusion_prefixes(self, policy: Any) -> list[str]:
+        """State-dict prefixes of the Stage-2 fusion layers: the only tensors a promotion may add."""
+        return [p + "." for p in self.module_groups(policy).get("fusion", [])]
+
+    def bind_inputs(self, policy: Any, batch: dict[str, Any]) -> Any:
+        """Context manager that hands the model per-call inputs beyond the host's own arguments.
+
+        The host calls its model with a fixed signature; pi0.5 also needs the task-token mask from the
+        batch. Default: nothing to bind.
+        """
+        import contextlib
+
+        return contextlib.nullcontext()
 
     def gate_values(self, policy: Any) -> dict[str, Any]:
         """Return ``{layer name: sigmoid(gate) tensor}`` for each fusion layer (empty in Stage 1)."""

@@ -78,6 +78,12 @@ class AptConfig(BaseModel):
         None, description="Module-name suffixes LoRA wraps in the VLM. None: the adapter's default."
     )
 
+    check_frozen: bool = Field(
+        False,
+        description="Fingerprint every frozen tensor when training starts and check the fingerprints at every "
+        "checkpoint; refuse to write a checkpoint if any frozen tensor changed.",
+    )
+
     @model_validator(mode="after")
     def _check_stage_rules(self) -> AptConfig:
         if self.stage == 1 and self.vlm_mode != "frozen":

@@ -54,6 +54,11 @@ class _PiAdapter(Adapter):
             ],
         }
 
+    def bind_inputs(self, policy: Any, batch: dict[str, Any]) -> Any:
+        from .modeling import bind_task_mask
+
+        return bind_task_mask(policy.model, batch.get("observation.language.task_mask"))
+
     def inject(self, policy: Any, config: AptConfig) -> None:
         from .modeling import install
 
@@ -100,6 +105,7 @@ class PI0Adapter(_PiAdapter):
     description = "LeRobot pi0 (PI0Policy): masked prefix + gated fusion after each expert layer"
     policy_types = ("pi0",)
     apt_policy_types = ("apt_pi0",)
+    host_modules = ("apt_plugins_lerobot_pi.configuration_apt_pi0", "apt_plugins_lerobot_pi.processing")
     _model_class = "pi0.modeling_pi0.PI0Pytorch"
 
 
@@ -110,4 +116,5 @@ class PI05Adapter(_PiAdapter):
     description = "LeRobot pi0.5 (PI05Policy): task-span mask (state stays visible) + gated fusion"
     policy_types = ("pi05",)
     apt_policy_types = ("apt_pi05",)
+    host_modules = ("apt_plugins_lerobot_pi.configuration_apt_pi05", "apt_plugins_lerobot_pi.processing")
     _model_class = "pi05.modeling_pi05.PI05Pytorch"

@@ -15,6 +15,7 @@ changing position ids, so Stage 2 with closed gates reproduces Stage 1 bit for b
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from transformers.models.gemma import modeling_gemma
 
 from apt_plugins import AptConfig, GatedCrossAttention, LanguageMaskError, block_language
 
-__all__ = ["APTPI0Pytorch", "APTPI05Pytorch", "PrefixContext", "install", "fusion_layers"]
+__all__ = ["APTPI0Pytorch", "APTPI05Pytorch", "PrefixContext", "install", "fusion_layers", "bind_task_mask"]
 
 
 @dataclass
@@ -319,3 +320,13 @@ def install(model: nn.Module, config: AptConfig) -> None:
 def fusion_layers(model: nn.Module) -> Any:
     """The Stage-2 fusion layers of an APT pi model, or None in Stage 1."""
     return model._modules.get("apt_fusion")
+
+
+@contextlib.contextmanager
+def bind_task_mask(model: nn.Module, task_mask: Tensor | None):
+    """Make the batch's task-token mask visible to the model for one call (pi0.5 task-span masking)."""
+    model.__dict__["_apt_task_mask"] = task_mask
+    try:
+        yield
+    finally:
+        model.__dict__.pop("_apt_task_mask", None)

@@ -2,11 +2,12 @@
 
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 
+from apt_plugins.lerobot.policy import AptPolicyMixin
+
 from .configuration_apt_pi0 import APTPI0Config
-from .policy import APTPolicyMixin
 
 
-class APTPI0Policy(APTPolicyMixin, PI0Policy):
+class APTPI0Policy(AptPolicyMixin, PI0Policy):
     """``PI0Policy`` with the APT stage given by ``config.apt`` prepared at construction."""
 
     config_class = APTPI0Config

@@ -2,11 +2,12 @@
 
 from lerobot.policies.pi05.modeling_pi05 import PI05Policy
 
+from apt_plugins.lerobot.policy import AptPolicyMixin
+
 from .configuration_apt_pi05 import APTPI05Config
-from .policy import APTPolicyMixin
 
 
-class APTPI05Policy(APTPolicyMixin, PI05Policy):
+class APTPI05Policy(AptPolicyMixin, PI05Policy):
     """``PI05Policy`` with the APT stage given by ``config.apt`` prepared at construction."""
 
     config_class = APTPI05Config

@@ -1,13 +1,14 @@
-"""Behaviour shared by the ``apt_pi0`` and ``apt_pi05`` LeRobot policies.
+"""What makes a LeRobot policy class an APT policy type.
 
-The APT policies are the stock ``PI0Policy``/``PI05Policy`` plus: the stage prepared at
-construction, strict checkpoint loading with Stage 1 -> Stage 2 promotion, a manifest next to the
-weights, adapter-built optimizer groups, and gate statistics after every optimizer step.
+Mixed in *before* the host policy class (``class APTPI0Policy(AptPolicyMixin, PI0Policy)``) with
+``adapter_name`` naming the adapter. The host class stays unmodified; the mixin adds: the stage
+prepared at construction (and its table logged), strict checkpoint loading with Stage 1 -> Stage 2
+promotion, ``apt_manifest.json`` next to the weights, the adapter's optimizer groups, gate
+statistics in every training-log line, and the optional frozen-weight proof (``apt.check_frozen``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ import torch
 import apt_plugins
 from apt_plugins import (
     AptConfig,
+    AptError,
     CheckpointMismatchError,
-    explain_mismatch,
     apt_state,
+    explain_mismatch,
+    fingerprint,
     gate_statistics,
     get_plugin_manager,
     load_state_dict_strict,
@@ -31,19 +34,23 @@ from apt_plugins import (
 
 logger = logging.getLogger("apt_plugins")
 
-TASK_MASK_KEY = "observation.language.task_mask"
-FUSION_PREFIX = "model.apt_fusion."
+__all__ = ["AptPolicyMixin", "resolve_checkpoint_dir"]
+
+_HUB_KWARGS = ("force_download", "resume_download", "proxies", "token", "cache_dir", "local_files_only", "revision")
 
 
-class APTPolicyMixin:
-    """Mixed in before ``PI0Policy``/``PI05Policy``; ``adapter_name`` picks the adapter."""
+class AptPolicyMixin:
+    """Turns a LeRobot ``PreTrainedPolicy`` subclass into an APT policy type (see module docstring)."""
 
+    #: name of the registered adapter that prepares this policy
     adapter_name: str
 
     def __init__(self, config: Any, **kwargs: Any):
         apt = AptConfig.from_settings(config.apt, prefix="policy.apt")
         super().__init__(config, **kwargs)
         self.apt_report = prepare_stage(self, apt, adapter=self.adapter_name)
+        self._apt_frozen_fingerprints: dict[str, str] | None = None
+        logger.info("%s\n%s", type(self).__name__, self.apt_report.format_table())
 
     # ------------------------------------------------------------------ config
     @property
@@ -51,22 +58,25 @@ class APTPolicyMixin:
         """The validated APT configuration of this policy."""
         return apt_state(self).config
 
-    @contextlib.contextmanager
-    def _task_tokens(self, batch: dict[str, Any]):
-        self.model.__dict__["_apt_task_mask"] = batch.get(TASK_MASK_KEY)
-        try:
-            yield
-        finally:
-            self.model.__dict__.pop("_apt_task_mask", None)
+    @property
+    def apt_adapter(self) -> Any:
+        """The adapter that prepared this policy."""
+        return apt_state(self).adapter
 
     # ------------------------------------------------------------------ LeRobot API
     def forward(self, batch: dict[str, Any], *args: Any, **kwargs: Any):
-        with self._task_tokens(batch):
-            return super().forward(batch, *args, **kwargs)
+        if self.apt_config.check_frozen and self._apt_frozen_fingerprints is None and self.training:
+            self._apt_frozen_fingerprints = fingerprint(self, frozen_only=True)
+            logger.info("APT check_frozen: fingerprinted %d frozen tensors", len(self._apt_frozen_fingerprints))
+        with self.apt_adapter.bind_inputs(self, batch):
+            loss, output = super().forward(batch, *args, **kwargs)
+        if output is not None:
+            output.update(gate_statistics(self))  # LeRobot logs scalar outputs (console and wandb)
+        return loss, output
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: dict[str, Any], **kwargs: Any):
-        with self._task_tokens(batch):
+        with self.apt_adapter.bind_inputs(self, batch):
             return super().predict_action_chunk(batch, **kwargs)
 
     def get_optim_params(self) -> list[dict[str, Any]]:
@@ -79,10 +89,33 @@ class APTPolicyMixin:
         get_plugin_manager().hook.apt_train_step(policy=self, step=None, metrics=metrics)
         return metrics
 
+    # ------------------------------------------------------------------ frozen-weight proof
+    def verify_frozen(self) -> int:
+        """Check every fingerprinted frozen tensor; raise :class:`AptError` naming any that changed.
+
+        Returns the number of tensors checked (0 when nothing was fingerprinted yet).
+        """
+        if not self._apt_frozen_fingerprints:
+            return 0
+        now = fingerprint(self, names=self._apt_frozen_fingerprints)
+        changed = sorted(n for n, h in self._apt_frozen_fingerprints.items() if now.get(n) != h)
+        if changed:
+            raise AptError(
+                f"APT check_frozen: {len(changed)} frozen tensors changed since training started "
+                f"(e.g. {', '.join(changed[:3])}); the checkpoint was not written. Something outside APT "
+                "trains or modifies them (an optimizer built from policy.parameters() with weight decay, "
+                "a PEFT wrap, a custom hook)."
+            )
+        return len(self._apt_frozen_fingerprints)
+
     # ------------------------------------------------------------------ checkpoints
     def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Any] | None = None) -> None:
+        checked = self.verify_frozen() if self.apt_config.check_frozen else 0
         super()._save_pretrained(save_directory, state_dict=state_dict)
         manifest = self.apt_manifest()
+        if checked:
+            manifest["frozen_check"] = {"tensors": checked, "unchanged": True}
+            logger.info("APT check_frozen: %d frozen tensors unchanged at this checkpoint", checked)
         write_manifest(save_directory, manifest)
         get_plugin_manager().hook.apt_checkpoint_saved(policy=self, path=str(save_directory), manifest=manifest)
 
@@ -113,6 +146,7 @@ class APTPolicyMixin:
         in the next manifest). ``strict=False`` is refused: silent loading is what APT guards against.
         """
         from lerobot.configs.policies import PreTrainedConfig
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         if not strict:
@@ -120,7 +154,7 @@ class APTPolicyMixin:
                 str(pretrained_name_or_path), cause="APT policies load strictly; strict=False is not supported. "
                 "Use `apt-plugins retrofit` to convert a checkpoint explicitly."
             )
-        directory = _resolve_checkpoint_dir(pretrained_name_or_path, kwargs)
+        directory = resolve_checkpoint_dir(pretrained_name_or_path, kwargs.get("revision"))
         for key in _HUB_KWARGS:  # the directory is resolved already; the constructor must not see these
             kwargs.pop(key, None)
         if config is None:
@@ -129,7 +163,10 @@ class APTPolicyMixin:
         weights = directory / "model.safetensors"
         if not weights.is_file():
             raise CheckpointMismatchError(str(directory), cause=f"no model.safetensors in {directory}.")
-        state_dict = load_file(str(weights))
+        try:
+            state_dict = load_file(str(weights))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointMismatchError(str(directory), cause=f"model.safetensors is unreadable ({exc}).") from None
         state_dict = {k if k.startswith("model.") else f"model.{k}": v for k, v in state_dict.items()}
         manifest = read_manifest(directory)
         source_stage = manifest.get("stage") if manifest else None
@@ -142,7 +179,7 @@ class APTPolicyMixin:
             policy,
             state_dict,
             source=str(directory),
-            fresh_prefixes=(FUSION_PREFIX,) if promoting else (),
+            fresh_prefixes=tuple(policy.apt_adapter.fusion_prefixes(policy)) if promoting else (),
             fresh_substrings=(".lora_",) if new_lora else (),
             explain=lambda missing, unexpected: explain_mismatch(manifest, source_stage, target_stage, missing, unexpected),
         )
@@ -161,20 +198,18 @@ class APTPolicyMixin:
         return policy
 
 
-_HUB_KWARGS = ("force_download", "resume_download", "proxies", "token", "cache_dir", "local_files_only", "revision")
-
-
-def _resolve_checkpoint_dir(name_or_path: str | Path, kwargs: dict[str, Any]) -> Path:
+def resolve_checkpoint_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or a repo id already in the local hub cache (never downloads)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    try:  # a repo id already in the local hub cache; APT never downloads weights by itself
-        return Path(snapshot_download(str(name_or_path), local_files_only=True, revision=kwargs.get("revision")))
+    try:
+        return Path(snapshot_download(str(name_or_path), local_files_only=True, revision=revision))
     except Exception as exc:
         raise CheckpointMismatchError(
             str(name_or_path),
             cause=f"not a checkpoint directory and not in the local hub cache ({type(exc).__name__}). "
-            "Download it first (huggingface-cli download ...) or pass a local directory.",
+            "Download it first (hf download ...) or pass a local directory.",
         ) from None
