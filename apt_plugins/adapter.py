@@ -106,6 +106,21 @@ class Adapter:
 
         return contextlib.nullcontext()
 
+    def normalize_state_dict(self, policy: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Map a checkpoint's tensor names onto ``policy``'s (the host's own legacy renames). Default: as is."""
+        return state_dict
+
+    def retrofit_processors(self, directory: Any, config: AptConfig) -> None:
+        """Adapt the host processor files copied into a retrofitted checkpoint. Default: keep them."""
+
+    def probe_batch(self, policy: Any, instruction: int = 0, seed: int = 0) -> dict[str, Any]:
+        """A model-ready batch (after the host's preprocessing) sized for ``policy``'s config.
+
+        ``instruction`` changes only the instruction tokens. Used by retrofit and verify when no
+        dataset is given.
+        """
+        raise NotImplementedError(f"adapter {self.name!r} provides no probe batch")
+
     def gate_values(self, policy: Any) -> dict[str, Any]:
         """Return ``{layer name: sigmoid(gate) tensor}`` for each fusion layer (empty in Stage 1)."""
         return {}

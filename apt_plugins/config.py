@@ -12,7 +12,7 @@ import difflib
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import AptConfigError
 
@@ -54,7 +54,7 @@ class AptConfig(BaseModel):
         description="Zero-initialise the fusion output projection, so Stage 2 at step 0 computes exactly the "
         "Stage-1 function.",
     )
-    fusion_source_layers: list[int] | None = Field(
+    fusion_source_layers: tuple[int, ...] | None = Field(
         None,
         description="Entry i is the VLM layer whose keys/values fusion layer i reads. None: the adapter's "
         "default (layer-aligned for pi0/pi0.5).",
@@ -74,7 +74,7 @@ class AptConfig(BaseModel):
     )
     lora_rank: int = Field(16, gt=0, description="LoRA rank for vlm_mode='lora' (paper code: 16).")
     lora_alpha: int = Field(16, gt=0, description="LoRA alpha for vlm_mode='lora' (paper code: 16).")
-    lora_targets: list[str] | None = Field(
+    lora_targets: tuple[str, ...] | None = Field(
         None, description="Module-name suffixes LoRA wraps in the VLM. None: the adapter's default."
     )
 
@@ -83,6 +83,13 @@ class AptConfig(BaseModel):
         description="Fingerprint every frozen tensor when training starts and check the fingerprints at every "
         "checkpoint; refuse to write a checkpoint if any frozen tensor changed.",
     )
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _no_bool_stage(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # True == 1 in Python; a boolean stage is always a mistake
+            raise ValueError("Input should be 1 or 2, not a boolean")
+        return value
 
     @model_validator(mode="after")
     def _check_stage_rules(self) -> AptConfig:
@@ -121,7 +128,7 @@ class AptConfig(BaseModel):
 
     def to_settings(self) -> Any:
         """The equivalent :class:`AptSettings` dataclass (for host configs such as LeRobot's)."""
-        return AptSettings(**self.model_dump())
+        return AptSettings(**self.model_dump(mode="json"))
 
     def replace(self, **changes: Any) -> AptConfig:
         """A validated copy with ``changes`` applied."""
@@ -159,16 +166,18 @@ def _to_config_error(exc: ValidationError, data: dict[str, Any], prefix: str) ->
         msg = err["msg"].removeprefix("Value error, ")
         bad = "vlm_mode" if "vlm_mode" in msg else ("fusion_source_layers" if "fusion_source" in msg else "")
         return AptConfigError(f"{prefix}.{bad}" if bad else prefix, data.get(bad) if bad else data, msg)
-    value = data.get(field, err.get("input"))
+    value = err.get("input") if len(loc) > 1 else data.get(field, err.get("input"))
     allowed = _allowed(field)
-    return AptConfigError(path, value, f"{err['msg']}. {allowed}".strip())
+    msg = err["msg"].removeprefix("Value error, ")
+    return AptConfigError(path, value, f"{msg}. {allowed}".strip())
 
 
 def _plain_type(annotation: Any) -> Any:
     """Map a pydantic annotation to one draccus can parse from the CLI and from JSON."""
     if typing.get_origin(annotation) is Literal:
         return type(typing.get_args(annotation)[0])
-    return annotation
+    # Frozen configs hold tuples; host configs get lists, which their JSON/CLI parsers handle best.
+    return {tuple[int, ...] | None: list[int] | None, tuple[str, ...] | None: list[str] | None}.get(annotation, annotation)
 
 
 def settings_dataclass(model: type[BaseModel] = AptConfig, name: str = "AptSettings") -> type:

@@ -92,7 +92,8 @@ class GatedCrossAttention(nn.Module):
         :param x: ``(B, S, query_dim)`` action stream.
         :param keys: ``(B, KV, P, head_dim)`` context keys (already position-encoded if the host does so).
         :param values: ``(B, KV, P, head_dim)`` context values.
-        :param mask: ``(B, S, P)`` boolean, True where a query may read a context token.
+        :param mask: ``(B, S, P)`` boolean, True where a query may read a context token. A query with no
+            readable token gets a zero update.
         :param rotate_queries: applies the host's positional encoding to ``(B, H, S, head_dim)`` queries.
         """
         bsz, seq, _ = x.shape
@@ -106,7 +107,9 @@ class GatedCrossAttention(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim**-0.5)
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=scores.device)
         bias = bias.masked_fill(~mask, ATTENTION_MASK_VALUE)[:, None]
-        probs = torch.softmax(scores.float() + bias, dim=-1).to(dtype)
+        probs = torch.softmax(scores.float() + bias, dim=-1)
+        # A query with no visible context token reads nothing (instead of a uniform mix of hidden ones).
+        probs = (probs * mask.any(dim=-1)[:, None, :, None]).to(dtype)
         attn = torch.matmul(probs, v).transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
         out = self.gate() * self.o_proj(attn)
         return x + out.to(x.dtype)

@@ -94,13 +94,20 @@ class PluginManager:
         if self.pm.is_blocked(name):
             self.plugins[name] = PluginInfo(name, source, blocked=True)
             return None
+        if name in self.plugins or self.pm.get_plugin(name) is not None:
+            from .errors import AdapterError
+
+            # Never replace the record (and adapters) of the plugin that holds the name already.
+            raise AdapterError(f"a plugin named {name!r} is already registered ({self.plugins[name].source}); "
+                               "choose another plugin name.")
         info = PluginInfo(name, source)
-        self.plugins[name] = info
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:
             info.error = f"registration failed: {_describe(exc)}"
+            self.plugins[name] = info
             return name
+        self.plugins[name] = info
         info.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
         impl = next((i for i in self.pm.hook.apt_register_adapters.get_hookimpls() if i.plugin_name == name), None)
         if impl is not None:

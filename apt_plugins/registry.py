@@ -29,11 +29,14 @@ class AdapterRegistry:
         :param plugin: name of the plugin registering it, used in error messages.
         :raises AdapterValidationError: malformed adapter, or the name is already taken.
         """
-        instance = adapter() if isinstance(adapter, type) else adapter
-        cls = type(instance)
-        label = getattr(instance, "name", None) or cls.__qualname__
-        if not isinstance(instance, Adapter):
-            raise AdapterValidationError(label, f"{cls.__qualname__} must subclass apt_plugins.Adapter.")
+        cls = adapter if isinstance(adapter, type) else type(adapter)
+        label = getattr(adapter, "name", None) or cls.__qualname__
+        if not issubclass(cls, Adapter):
+            raise AdapterValidationError(str(label), f"{cls.__qualname__} must subclass apt_plugins.Adapter.")
+        try:
+            instance = adapter() if isinstance(adapter, type) else adapter
+        except TypeError as exc:
+            raise AdapterValidationError(str(label), f"the adapter class must be constructible without arguments ({exc}).") from None
         for attr in ("name", "host", "supported_host_versions", "description"):
             value = getattr(instance, attr, None)
             if not isinstance(value, str) or not value.strip():

@@ -45,7 +45,7 @@ def _raw(task, state=None):
     }
 
 
-def test_pi05_processor_marks_exactly_the_task_tokens(offline_hub):
+def test_pi05_processor_marks_exactly_the_task_clause(offline_hub):
     from apt_plugins_lerobot_pi.processor_apt_pi05 import make_apt_pi05_pre_post_processors
 
     kit = PiConformanceKit("lerobot_pi05")
@@ -55,8 +55,9 @@ def test_pi05_processor_marks_exactly_the_task_tokens(offline_hub):
     tokens, mask = out["observation.language.tokens"][0], out["observation.language.task_mask"][0]
     tok = pre.steps[[type(s).__name__ for s in pre.steps].index("TaskSpanTokenizerStep")].input_tokenizer
     words = tok.convert_ids_to_tokens(tokens.tolist())
-    assert [w for w, m in zip(words, mask.tolist()) if m] == ["pick", "the", "red", "cube"]
-    assert "State" in words and not mask[words.index("State")]  # the state scaffolding stays visible
+    # The whole "Task: <task>," clause is hidden; "State: <bins>;\nAction:" stays visible.
+    assert [w for w, m in zip(words, mask.tolist()) if m] == ["Task", ":", "pick", "the", "red", "cube", ","]
+    assert "State" in words and not mask[words.index("State")]
 
 
 def test_pi05_stage1_end_to_end_with_real_processor(offline_hub):
@@ -73,8 +74,28 @@ def test_pi05_stage1_end_to_end_with_real_processor(offline_hub):
         return policy.predict_action_chunk(pre(_raw(task, state)))
 
     a = act("pick the red cube")
-    assert torch.equal(a, act("open the green drawer"))
+    for other in ("open the green drawer", "", "cube red the pick", "put the blue cup on the yellow plate"):
+        assert torch.equal(a, act(other)), other  # swapped, empty, shuffled, longer
     assert not torch.equal(a, act("pick the red cube", state=-torch.linspace(-0.9, 0.9, 6)))
+
+
+def test_pi0_stage1_end_to_end_with_real_processor(offline_hub):
+    from apt_plugins_lerobot_pi.processor_apt_pi0 import make_apt_pi0_pre_post_processors
+
+    kit = PiConformanceKit("lerobot_pi0")
+    policy = kit.build(AptConfig(stage=1), tokenizer_max_length=16).eval()
+    stock = kit.build(None, tokenizer_max_length=16).eval()
+    pre, _ = make_apt_pi0_pre_post_processors(policy.config, dataset_stats=_stats())
+
+    def act(p, task):
+        torch.manual_seed(0)
+        p.reset()
+        return p.predict_action_chunk(pre(_raw(task)))
+
+    a = act(policy, "pick the red cube")
+    for other in ("open the green drawer", "", "cube red the pick", "put the blue cup on the yellow plate"):
+        assert torch.equal(a, act(policy, other)), other
+    assert not torch.equal(act(stock, "pick the red cube"), act(stock, "open the green drawer"))
 
 
 def test_pi05_without_task_mask_fails_clearly():

@@ -86,6 +86,26 @@ class _PiAdapter(Adapter):
                 "all prefix tokens" if config.fusion_context == "all" else "the language tokens")
         return where
 
+    def normalize_state_dict(self, policy: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # LeRobot's own pi loader adds the `model.` prefix and renames legacy (openpi-converted) keys;
+        # the renamer is only needed (and only quiet) when some names do not match already.
+        prefixed = {k if k.startswith("model.") else f"model.{k}": v for k, v in state_dict.items()}
+        if prefixed.keys() <= policy.state_dict().keys():
+            return prefixed
+        fixed = policy._fix_pytorch_state_dict_keys(state_dict, policy.config)
+        return {k if k.startswith("model.") else f"model.{k}": v for k, v in fixed.items()}
+
+    def retrofit_processors(self, directory: Any, config: AptConfig) -> None:
+        from .processing import rewrite_pi05_preprocessor
+
+        if self.name == "lerobot_pi05":
+            rewrite_pi05_preprocessor(directory)
+
+    def probe_batch(self, policy: Any, instruction: int = 0, seed: int = 0) -> dict[str, Any]:
+        from .testing import probe_batch
+
+        return probe_batch(policy.config, instruction=instruction, seed=seed)
+
     def gate_values(self, policy: Any) -> dict[str, Any]:
         from .modeling import fusion_layers
 

@@ -29,18 +29,45 @@ from lerobot.policies.pi_gemma import _gated_residual, layernorm_forward
 from torch import Tensor, nn
 from transformers.models.gemma import modeling_gemma
 
-from apt_plugins import AptConfig, GatedCrossAttention, LanguageMaskError, block_language
+from apt_plugins import AptConfig, GatedCrossAttention, LanguageMaskError
 
 __all__ = ["APTPI0Pytorch", "APTPI05Pytorch", "PrefixContext", "install", "fusion_layers", "bind_task_mask"]
 
 
 @dataclass
 class PrefixContext:
-    """What the expert needs from the prefix: per-layer keys/values and the visibility masks."""
+    """What the expert needs from the prefix: per-layer keys/values and their validity.
 
-    pad: Tensor  # (B, P) valid prefix tokens
-    language: Tensor  # (B, P) language tokens hidden from the action path
-    kv: list[tuple[Tensor, Tensor]]  # per VLM layer, post-RoPE, (B, KV, P, head_dim)
+    ``visible_*`` are the prefix tokens the inherited expert layers attend to (compacted, in their
+    original order); ``language_*`` are the hidden language tokens, computed only when a Stage-2
+    fusion layer reads them. With the language mask lifted, every prefix token is visible.
+    """
+
+    visible: Tensor  # (B, M) valid visible tokens
+    visible_kv: list[tuple[Tensor, Tensor]]  # per VLM layer, post-RoPE, (B, KV, M, head_dim)
+    visible_is_language: Tensor  # (B, M) visible tokens that are language (only when the mask is lifted)
+    offset: Tensor  # (B,) position of the first suffix token
+    language: Tensor | None = None  # (B, L) valid hidden language tokens
+    language_kv: list[tuple[Tensor, Tensor]] | None = None  # per VLM layer, (B, KV, L, head_dim)
+
+
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """Gather along dim 1 for every trailing dim: ``x[b, index[b]]``."""
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
+
+
+def _take_2d(mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``mask[b, rows[b]][:, cols[b]]`` for a (B, P, P) mask."""
+    picked = mask.gather(1, rows[:, :, None].expand(-1, -1, mask.shape[2]))
+    return picked.gather(2, cols[:, None, :].expand(-1, rows.shape[1], -1))
+
+
+def _split(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices putting the ``keep`` tokens first (stable order), trimmed to the batch maximum; validity."""
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    width = int(keep.sum(dim=1).max())
+    index = order[:, :width]
+    return index, keep.gather(1, index)
 
 
 def _layer(layer: nn.Module, hidden: Tensor, mask4d: Tensor, cos: Tensor, sin: Tensor, adarms: Tensor | None,
@@ -123,32 +150,65 @@ class APTPiMixin:
 
     # ------------------------------------------------------------------ prefix
     def _apt_prefix(self, images, img_masks, lang_tokens, lang_masks) -> PrefixContext:
+        """Run the VLM over the prefix once and return the keys/values the expert reads.
+
+        Language masked (Stage 1, and Stage 2 by default): the visible tokens (images, and pi0.5's
+        state tokens) run through the VLM *without* the hidden language tokens, compacted and with
+        positions that do not count them. The action path is then exactly independent of the
+        instruction, its content and its length, bit for bit (a masked column would still shift
+        floating-point summation order). Masking by visibility and dropping from this pass are the
+        same function: no visible token may attend to language anyway. The language tokens run only
+        when a fusion layer reads them, attending to the visible keys/values and to each other, as in
+        the full prefix. Language not masked: one pass over the whole prefix, as LeRobot does.
+        """
         cfg = self.apt_config
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._apt_vlm_trains()):
             embs, pad, att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
             language = torch.zeros_like(pad)
             language[:, pad.shape[1] - lang_tokens.shape[1] :] = self._apt_language_tokens(lang_masks)
             att_2d = make_att_2d_masks(pad, att)
-            if cfg.masks_language_in_inherited_layers:
-                att_2d = block_language(att_2d, language, language)
             lm = self.paligemma_with_expert.paligemma.model.language_model
             if lm.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16:
                 embs = embs.to(torch.bfloat16)
-            mask4d = prepare_attention_masks_4d(att_2d)
-            positions = torch.cumsum(pad, dim=1) - 1
-            cos, sin = lm.rotary_emb(embs, positions)
-            hidden, kv = embs, []
-            last = len(lm.layers) - 1
-            checkpointing = self.gradient_checkpointing_enabled and self.training and torch.is_grad_enabled()
-            for i, layer in enumerate(lm.layers):
-                if checkpointing and i != last:
-                    hidden, layer_kv = torch.utils.checkpoint.checkpoint(
-                        _layer, layer, hidden, mask4d, cos, sin, None, use_reentrant=False, preserve_rng_state=False
-                    )
-                else:
-                    hidden, layer_kv = _layer(layer, hidden, mask4d, cos, sin, None, kv_only=i == last)
-                kv.append(layer_kv)
-        return PrefixContext(pad=pad, language=language, kv=kv)
+            usual = torch.cumsum(pad, dim=1) - 1
+            if not cfg.masks_language_in_inherited_layers:
+                kv = self._apt_run_vlm(lm, embs, att_2d, usual)
+                return PrefixContext(visible=pad, visible_kv=kv, visible_is_language=language, offset=pad.sum(dim=-1))
+            index, visible = _split(pad & ~language)
+            positions = (torch.cumsum(visible, dim=1) - 1).clamp(min=0)
+            mask = _take_2d(att_2d, index, index) & visible[:, None, :]
+            visible_kv = self._apt_run_vlm(lm, _take(embs, index), mask, positions)
+            prefix = PrefixContext(visible=visible, visible_kv=visible_kv, visible_is_language=torch.zeros_like(visible),
+                                   offset=visible.sum(dim=-1))
+            if cfg.stage == 2:
+                lang_index, lang_valid = _split(language)
+                rows = _take_2d(att_2d, lang_index, torch.cat([index, lang_index], dim=1))
+                mask = rows & torch.cat([visible, lang_valid], dim=1)[:, None, :]
+                prefix.language = lang_valid
+                prefix.language_kv = self._apt_run_vlm(
+                    lm, _take(embs, lang_index), mask, _take(usual, lang_index), context=visible_kv
+                )
+        return prefix
+
+    def _apt_run_vlm(self, lm: nn.Module, embs: Tensor, mask_2d: Tensor, positions: Tensor,
+                     context: list[tuple[Tensor, Tensor]] | None = None) -> list[tuple[Tensor, Tensor]]:
+        """The VLM layers over ``embs`` (attending ``context`` keys/values first); per-layer K/V."""
+        mask4d = prepare_attention_masks_4d(mask_2d)
+        cos, sin = lm.rotary_emb(embs, positions)
+        hidden, kv = embs, []
+        last = len(lm.layers) - 1
+        checkpointing = self.gradient_checkpointing_enabled and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(lm.layers):
+            ctx = context[i] if context is not None else None
+            if checkpointing and i != last:
+                hidden, layer_kv = torch.utils.checkpoint.checkpoint(
+                    _layer, layer, hidden, mask4d, cos, sin, None, ctx, use_reentrant=False, preserve_rng_state=False
+                )
+            else:
+                # The last layer feeds the expert through its keys/values only.
+                hidden, layer_kv = _layer(layer, hidden, mask4d, cos, sin, None, ctx, kv_only=i == last)
+            kv.append(layer_kv)
+        return kv
 
     # ------------------------------------------------------------------ suffix
     def _apt_suffix_embed(self, state, x_t, timestep):
@@ -162,23 +222,23 @@ class APTPiMixin:
         if expert.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16:
             embs = embs.to(torch.bfloat16)
         bsz, seq = pad.shape
-        prefix_len = prefix.pad.shape[1]
-        visible = prefix.pad[:, None, :].expand(bsz, seq, prefix_len)
-        inherited = visible & ~prefix.language[:, None, :] if cfg.masks_language_in_inherited_layers else visible
-        mask4d = prepare_attention_masks_4d(torch.cat([inherited, make_att_2d_masks(pad, att)], dim=2))
-        positions = prefix.pad.sum(dim=-1)[:, None] + torch.cumsum(pad, dim=1) - 1
+        visible = prefix.visible[:, None, :].expand(bsz, seq, prefix.visible.shape[1])
+        mask4d = prepare_attention_masks_4d(torch.cat([visible, make_att_2d_masks(pad, att)], dim=2))
+        positions = prefix.offset[:, None] + torch.cumsum(pad, dim=1) - 1
         cos, sin = expert.rotary_emb(embs, positions)
         fusion = self._modules.get("apt_fusion")
-        fusion_mask = visible if cfg.fusion_context == "all" else visible & prefix.language[:, None, :]
         sources = self.__dict__.get("_apt_fusion_sources")
+        if fusion is not None:
+            fusion_kv, fusion_valid = self._apt_fusion_context(prefix)
+            fusion_mask = fusion_valid[:, None, :].expand(bsz, seq, fusion_valid.shape[1])
 
         def rotate(q: Tensor) -> Tensor:
             return (q * cos.unsqueeze(1)) + (modeling_gemma.rotate_half(q) * sin.unsqueeze(1))
 
         def block(hidden: Tensor, i: int) -> Tensor:
-            hidden, _ = _layer(expert.layers[i], hidden, mask4d, cos, sin, adarms, context=prefix.kv[i])
+            hidden, _ = _layer(expert.layers[i], hidden, mask4d, cos, sin, adarms, context=prefix.visible_kv[i])
             if fusion is not None:
-                keys, values = prefix.kv[sources[i]]
+                keys, values = fusion_kv[sources[i]]
                 hidden = fusion[i](hidden, keys, values, fusion_mask, rotate_queries=rotate)
             return hidden
 
@@ -192,6 +252,18 @@ class APTPiMixin:
         hidden, _ = layernorm_forward(expert.norm, hidden, adarms)
         out = hidden[:, -self.config.chunk_size :].to(torch.float32)
         return self.action_out_proj(out)
+
+    def _apt_fusion_context(self, prefix: PrefixContext):
+        """Per-layer keys/values the fusion layers read, and their validity (all VL tokens or language)."""
+        only_language = self.apt_config.fusion_context == "language"
+        if prefix.language_kv is None:  # language mask lifted: everything is in the visible pass
+            valid = prefix.visible & prefix.visible_is_language if only_language else prefix.visible
+            return prefix.visible_kv, valid
+        if only_language:
+            return prefix.language_kv, prefix.language
+        kv = [(torch.cat([vk, lk], dim=2), torch.cat([vv, lv], dim=2))
+              for (vk, vv), (lk, lv) in zip(prefix.visible_kv, prefix.language_kv, strict=True)]
+        return kv, torch.cat([prefix.visible, prefix.language], dim=1)
 
     # ------------------------------------------------------------------ host entry points
     def _apt_loss(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise, time) -> Tensor:
@@ -211,7 +283,7 @@ class APTPiMixin:
         prefix = self._apt_prefix(images, img_masks, lang_tokens, lang_masks)
         return euler_integrate(
             lambda x_t, timestep: self.denoise_step(
-                state=state, prefix_pad_masks=prefix.pad, past_key_values=prefix, x_t=x_t, timestep=timestep
+                state=state, prefix_pad_masks=prefix.visible, past_key_values=prefix, x_t=x_t, timestep=timestep
             ),
             noise,
             num_steps,

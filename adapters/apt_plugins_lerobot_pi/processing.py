@@ -27,6 +27,25 @@ def clean_task(task: str) -> str:
     return task.strip().replace("_", " ").replace("\n", " ")
 
 
+def task_clause(prompt: str, task: str) -> tuple[int, int]:
+    """Character span to hide for ``task`` inside ``prompt``.
+
+    For pi0.5's ``"Task: <task>, State: ..."`` this is the whole ``"Task: <task>,"`` clause: subword
+    tokenizers merge the separators with their neighbours (``"cube,"`` vs an empty task's ``" ,"``),
+    so hiding only the task words would let the scaffolding tokens reveal the task's presence or
+    shape. The scaffolding carries nothing else. For other prompts: the task text itself.
+    """
+    if prompt.startswith("Task: "):
+        start = prompt.find(task, len("Task: "))
+        if start >= 0:
+            end = start + len(task)
+            return 0, end + 1 if prompt[end : end + 1] == "," else end
+    start = prompt.find(task)
+    if start < 0:
+        raise LanguageMaskError(f"task text {task!r} not found in the prompt {prompt!r}.")
+    return start, start + len(task)
+
+
 @ProcessorStepRegistry.register(name="apt_record_task_text")
 @dataclass
 class RecordTaskTextStep(ProcessorStep):
@@ -78,15 +97,45 @@ class TaskSpanTokenizerStep(TokenizerProcessorStep):
         offsets = enc["offset_mapping"]  # (B, L, 2) character spans
         starts, ends = [], []
         for prompt, task in zip(prompts, tasks, strict=True):
-            anchor = len("Task: ") if prompt.startswith("Task: ") else 0
-            start = prompt.find(task, anchor)
-            if start < 0:
-                raise LanguageMaskError(f"task text {task!r} not found in the prompt {prompt!r}.")
+            start, end = task_clause(prompt, task)
             starts.append(start)
-            ends.append(start + len(task))
+            ends.append(end)
         starts_t = torch.tensor(starts)[:, None]
         ends_t = torch.tensor(ends)[:, None]
         inside = (offsets[..., 0] < ends_t) & (offsets[..., 1] > starts_t) & (offsets[..., 1] > offsets[..., 0])
         mask = inside & enc["attention_mask"].bool()
         out[TASK_MASK_KEY] = mask.to(out["observation.language.tokens"].device)
         return out
+
+
+PREPROCESSOR_FILE = "policy_preprocessor.json"
+
+
+def rewrite_pi05_preprocessor(directory: Any) -> bool:
+    """Give a copied stock pi0.5 preprocessor the task-span steps (retrofit). Returns True if changed.
+
+    Inserts ``apt_record_task_text`` before the prompt builder and swaps the tokenizer step for
+    ``apt_task_span_tokenizer`` (same settings). Step state files are referenced by name, so
+    inserting a step leaves them valid.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / PREPROCESSOR_FILE
+    if not path.is_file():
+        return False
+    data = json.loads(path.read_text())
+    names = [s.get("registry_name") for s in data.get("steps", [])]
+    if "apt_task_span_tokenizer" in names:
+        return False
+    steps = []
+    for step in data["steps"]:
+        if step.get("registry_name") == "pi05_prepare_state_tokenizer_processor_step":
+            steps.append({"registry_name": "apt_record_task_text",
+                          "config": {"task_key": step.get("config", {}).get("task_key", "task")}})
+        if step.get("registry_name") == "tokenizer_processor":
+            step = {**step, "registry_name": "apt_task_span_tokenizer"}
+        steps.append(step)
+    data["steps"] = steps
+    path.write_text(json.dumps(data, indent=2))
+    return True

@@ -60,6 +60,35 @@ def tiny_pi_patches(width: int = 64, depth: int = 2, mlp_dim: int = 128, head_di
         yield
 
 
+_PERMANENT: contextlib.ExitStack | None = None
+
+
+def apply_tiny_patches(**sizes: Any) -> None:
+    """Apply :func:`tiny_pi_patches` for the rest of the process (a ``lerobot-train`` subprocess).
+
+    Only for tests and the demo: a throw-away module that calls this is put on the subprocess's
+    path and loaded with ``--env.discover_packages_path``. Never import it in a real run.
+    """
+    global _PERMANENT
+    if _PERMANENT is None:
+        _PERMANENT = contextlib.ExitStack()
+        _PERMANENT.enter_context(tiny_pi_patches(**sizes))
+
+
+TINY_PLUGIN_SOURCE = (
+    '"""Throw-away plugin: shrink LeRobot pi0/pi0.5 to test size in this process (tests/demo only)."""\n'
+    "from apt_plugins_lerobot_pi.testing import apply_tiny_patches\n\napply_tiny_patches()\n"
+)
+
+
+def write_tiny_plugin(directory: Path, name: str = "apt_tiny_pi") -> str:
+    """Write the throw-away tiny-model plugin package under ``directory``; return its import name."""
+    package = Path(directory) / name
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(TINY_PLUGIN_SOURCE)
+    return name
+
+
 def tiny_features() -> tuple[dict, dict]:
     """Input/output features of the tiny policies: one 28x28 camera, 6-D state and action."""
     from lerobot.configs.types import FeatureType, PolicyFeature
@@ -142,16 +171,21 @@ class PiConformanceKit:
 
     # ------------------------------------------------------------------ batches
     def make_batch(self, instruction: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
-        """A training batch; ``instruction`` changes only the task tokens of the prompt."""
+        """A training batch; ``instruction`` changes only the task tokens, their ids *and* count.
+
+        pi0: ``[task (4-6 tokens), pad...]``. pi0.5: ``[task (2-4 tokens), state tokens (3), pad...]``,
+        so a shorter task also moves the state tokens, as a real prompt would.
+        """
         g = torch.Generator().manual_seed(seed)
         b, length = self.batch_size, self.prompt_len
-        n_task = 4 if self.is_pi05 else 6
+        n_task = (4 if self.is_pi05 else 6) - instruction % 3
+        n_rest = 3 if self.is_pi05 else 0
         task = torch.randint(10, TINY_VOCAB, (b, n_task), generator=torch.Generator().manual_seed(1000 + instruction))
-        rest = torch.randint(10, TINY_VOCAB, (b, length - n_task), generator=g)
-        tokens = torch.cat([task, rest], dim=1)
-        mask = torch.ones(b, length, dtype=torch.bool)
-        mask[:, -1] = False  # right padding, as the LeRobot tokenizer step produces
-        tokens[:, -1] = 0
+        rest = torch.randint(10, TINY_VOCAB, (b, n_rest), generator=g)
+        pad = torch.zeros(b, length - n_task - n_rest, dtype=torch.long)  # right padding, as LeRobot tokenizes
+        tokens = torch.cat([task, rest, pad], dim=1)
+        mask = torch.zeros(b, length, dtype=torch.bool)
+        mask[:, : n_task + n_rest] = True
         task_mask = torch.zeros(b, length, dtype=torch.bool)
         task_mask[:, :n_task] = True
         return {
@@ -171,7 +205,8 @@ class PiConformanceKit:
         state = dict(batch)
         if self.is_pi05:  # the state is in the prompt: change the state tokens, keep the task
             tokens = batch[TOKENS_KEY].clone()
-            tokens[:, 4:-1] = (tokens[:, 4:-1] + 7) % TINY_VOCAB
+            state_tokens = batch[MASK_KEY] & ~batch[TASK_MASK_KEY]
+            tokens[state_tokens] = (tokens[state_tokens] + 7) % TINY_VOCAB
             state[TOKENS_KEY] = tokens
         else:
             state["observation.state"] = -batch["observation.state"]
@@ -206,6 +241,31 @@ class PiConformanceKit:
             policy.model.gradient_checkpointing_enable()
         else:
             policy.model.gradient_checkpointing_disable()
+
+
+def probe_batch(config: Any, instruction: int = 0, seed: int = 0, batch_size: int = 2, prompt_len: int = 16,
+                task_len: int = 8, vocab: int = TINY_VOCAB) -> dict[str, torch.Tensor]:
+    """A model-ready batch for any pi0/pi0.5 config (real or tiny): images, state, action, prompt.
+
+    The first ``task_len`` prompt tokens are the task (marked in ``task_mask``); ``instruction``
+    changes only them. Token ids stay below ``vocab`` so the batch suits tiny and full vocabularies.
+    """
+    g = torch.Generator().manual_seed(seed)
+    batch: dict[str, torch.Tensor] = {}
+    for key, feature in config.image_features.items():
+        batch[key] = torch.rand(batch_size, *feature.shape, generator=g)
+    state_dim = config.robot_state_feature.shape[0] if config.robot_state_feature else config.max_state_dim
+    batch["observation.state"] = torch.rand(batch_size, state_dim, generator=g) * 2 - 1
+    action_dim = config.action_feature.shape[0]
+    batch["action"] = torch.rand(batch_size, config.chunk_size, action_dim, generator=g) * 2 - 1
+    task = torch.randint(10, vocab, (batch_size, task_len), generator=torch.Generator().manual_seed(1000 + instruction))
+    rest = torch.randint(10, vocab, (batch_size, prompt_len - task_len), generator=g)
+    batch[TOKENS_KEY] = torch.cat([task, rest], dim=1)
+    batch[MASK_KEY] = torch.ones(batch_size, prompt_len, dtype=torch.bool)
+    task_mask = torch.zeros(batch_size, prompt_len, dtype=torch.bool)
+    task_mask[:, :task_len] = True
+    batch[TASK_MASK_KEY] = task_mask
+    return batch
 
 
 # ---------------------------------------------------------------------- tokenizer fixture
