@@ -26,6 +26,7 @@ def register_lerobot_types() -> list[str]:
         for module in adapter.host_modules:
             import_module(module)
         types.extend(adapter.apt_policy_types)
+    import_module("apt_plugins.lerobot.env")  # --env.type=apt_blocks for lerobot-eval on the demo task
     return types
 
 

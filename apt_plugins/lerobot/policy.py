@@ -167,7 +167,7 @@ class AptPolicyMixin:
             state_dict = load_file(str(weights))
         except (SafetensorError, OSError) as exc:
             raise CheckpointMismatchError(str(directory), cause=f"model.safetensors is unreadable ({exc}).") from None
-        state_dict = {k if k.startswith("model.") else f"model.{k}": v for k, v in state_dict.items()}
+        state_dict = policy.apt_adapter.normalize_state_dict(policy, state_dict)
         manifest = read_manifest(directory)
         source_stage = manifest.get("stage") if manifest else None
         target_stage = policy.apt_config.stage
