@@ -8,7 +8,7 @@ env:
 	@bash scripts/bootstrap.sh
 
 demo: env
-	.venv/bin/apt-plugins report
+	.venv/bin/apt-plugins demo
 
 test: env
 	.venv/bin/python -m pytest

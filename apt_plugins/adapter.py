@@ -113,11 +113,12 @@ class Adapter:
     def retrofit_processors(self, directory: Any, config: AptConfig) -> None:
         """Adapt the host processor files copied into a retrofitted checkpoint. Default: keep them."""
 
-    def probe_batch(self, policy: Any, instruction: int = 0, seed: int = 0) -> dict[str, Any]:
+    def probe_batch(self, policy: Any, variant: str = "original", seed: int = 0) -> dict[str, Any]:
         """A model-ready batch (after the host's preprocessing) sized for ``policy``'s config.
 
-        ``instruction`` changes only the instruction tokens. Used by retrofit and verify when no
-        dataset is given.
+        ``variant`` changes only the instruction: ``"original"``, ``"swapped"`` (other words, same
+        length), ``"empty"`` (no instruction tokens) or ``"shuffled"`` (same words, permuted). Used by
+        retrofit and verify when no dataset is given.
         """
         raise NotImplementedError(f"adapter {self.name!r} provides no probe batch")
 

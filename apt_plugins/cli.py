@@ -4,6 +4,9 @@ Commands:
 
 - ``apt-plugins list``: plugins (with load errors), adapters, supported and installed host versions.
 - ``apt-plugins report``: the Stage 1 -> Stage 2 invariant report on tiny real models.
+- ``apt-plugins retrofit SRC OUT --stage {1,2}``: turn a plain LeRobot checkpoint into an APT one.
+- ``apt-plugins verify CHECKPOINT [--parent P] [--dataset-root DIR]``: the invariants on your checkpoint.
+- ``apt-plugins demo``: the whole story through ``lerobot-train`` on a synthetic dataset (CPU, offline).
 - ``apt-plugins recipes``: the recipes shipped in the package.
 """
 
@@ -76,6 +79,44 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return run_report(args.adapter or None, steps=args.steps)
 
 
+def _import_modules(names: Sequence[str] | None) -> None:
+    import importlib
+
+    for name in names or ():
+        importlib.import_module(name)
+
+
+def _cmd_retrofit(args: argparse.Namespace) -> int:
+    from .lerobot.retrofit import retrofit
+
+    _import_modules(args.imports)
+    overrides = {}
+    if args.keep_language_paths:
+        overrides["inherited_layers_keep_language_mask"] = False
+    if args.vlm_mode:
+        overrides["vlm_mode"] = args.vlm_mode
+    report = retrofit(args.src, args.out, args.stage, apt_overrides=overrides, reinit_expert=args.reinit_expert,
+                      seed=args.seed, probe=not args.no_probe)
+    print(report.summary())
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .lerobot.verify import format_checks, verify
+
+    _import_modules(args.imports)
+    checks = verify(args.checkpoint, parent=args.parent, dataset_repo_id=args.dataset_repo_id,
+                    dataset_root=args.dataset_root, frames=args.frames, seed=args.seed)
+    print(format_checks(checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .lerobot.demo import run_demo
+
+    return run_demo(args.workdir, steps=args.steps, policy=args.policy, fresh=not args.keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="apt-plugins", description="APT (Action-expert PreTraining) for VLA policies.")
@@ -88,6 +129,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", help="adapter name (repeatable; default: all with a kit)")
     p.add_argument("--steps", type=int, default=20, help="training steps per stage")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("retrofit", help="turn a plain LeRobot pi0/pi0.5 checkpoint into an APT checkpoint")
+    p.add_argument("src", help="a LeRobot pretrained_model directory, or a repo id in the local hub cache")
+    p.add_argument("out", help="new output directory (nothing is written there unless everything succeeds)")
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="APT stage to prepare")
+    p.add_argument("--reinit-expert", action="store_true",
+                   help="stage 1: re-initialise the action expert (the paper trains it from scratch)")
+    p.add_argument("--keep-language-paths", action="store_true",
+                   help="stage 2: inherited layers keep their language paths, so the result reproduces the source "
+                   "exactly (checked on a probe batch)")
+    p.add_argument("--vlm-mode", choices=("frozen", "lora", "full"), help="stage 2: how the VLM trains")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-probe", action="store_true", help="skip the probe comparison with the source policy")
+    p.add_argument("--import", dest="imports", action="append", help="import this module first (repeatable)")
+    p.set_defaults(func=_cmd_retrofit)
+    p = sub.add_parser("verify", help="check the APT invariants on a checkpoint; exit 1 on a failure")
+    p.add_argument("checkpoint", help="an APT pretrained_model directory (or a repo id in the local hub cache)")
+    p.add_argument("--parent", help="the Stage-1 checkpoint a Stage-2 run started from")
+    p.add_argument("--dataset-repo-id", help="LeRobot dataset repo id (with --dataset-root for a local one)")
+    p.add_argument("--dataset-root", help="local LeRobot dataset directory")
+    p.add_argument("--frames", type=int, default=4, help="dataset frames to test on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--import", dest="imports", action="append", help="import this module first (repeatable)")
+    p.set_defaults(func=_cmd_verify)
+    p = sub.add_parser("demo", help="the whole APT story through lerobot-train on a synthetic dataset (CPU, offline)")
+    p.add_argument("--workdir", default="runs/demo", help="where the dataset, checkpoints, logs and plot go")
+    p.add_argument("--steps", type=int, default=300, help="lerobot-train steps per stage")
+    p.add_argument("--policy", default="apt_pi0", choices=("apt_pi0", "apt_pi05"))
+    p.add_argument("--keep", action="store_true", help="reuse an existing workdir instead of starting fresh")
+    p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("recipes", help="list the recipes shipped in the package")
     p.set_defaults(func=_cmd_recipes)
     return parser

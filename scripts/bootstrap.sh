@@ -27,7 +27,10 @@ find_python() {
     return 1
 }
 
-fingerprint() { cat "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1; }
+fingerprint() {
+    cat "$ROOT/pyproject.toml" "$ROOT/adapters/lerobot_policy_apt/pyproject.toml" "$ROOT/scripts/bootstrap.sh" \
+        | sha256sum | cut -d' ' -f1
+}
 
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$(fingerprint)" ]] && is_312 "$VENV/bin/python"; then
     exit 0
@@ -49,7 +52,9 @@ echo "==> creating $VENV with $PY ($("$PY" --version 2>&1))"
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-echo "==> installing apt-plugins[lerobot,test] (pulls torch and LeRobot 0.6.1; a few minutes on a fresh machine)"
-"$VENV/bin/python" -m pip install --quiet --progress-bar off -e "$ROOT[lerobot,test]"
+echo "==> installing apt-plugins[lerobot,demo,test] and the lerobot_policy_apt shim (pulls torch and LeRobot 0.6.1; a few minutes on a fresh machine)"
+# The shim is a second distribution named lerobot_policy_apt: LeRobot auto-imports it, so the APT
+# policy types work in lerobot-train/lerobot-eval without any --policy.discover_packages_path flag.
+"$VENV/bin/python" -m pip install --quiet --progress-bar off -e "$ROOT[lerobot,demo,test]" -e "$ROOT/adapters/lerobot_policy_apt"
 fingerprint > "$STAMP"
 echo "==> environment ready: $VENV"

@@ -101,10 +101,10 @@ class _PiAdapter(Adapter):
         if self.name == "lerobot_pi05":
             rewrite_pi05_preprocessor(directory)
 
-    def probe_batch(self, policy: Any, instruction: int = 0, seed: int = 0) -> dict[str, Any]:
+    def probe_batch(self, policy: Any, variant: str = "original", seed: int = 0) -> dict[str, Any]:
         from .testing import probe_batch
 
-        return probe_batch(policy.config, instruction=instruction, seed=seed)
+        return probe_batch(policy.config, variant=variant, seed=seed)
 
     def gate_values(self, policy: Any) -> dict[str, Any]:
         from .modeling import fusion_layers

@@ -65,7 +65,7 @@ def _take_2d(mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 def _split(keep: Tensor) -> tuple[Tensor, Tensor]:
     """Indices putting the ``keep`` tokens first (stable order), trimmed to the batch maximum; validity."""
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-    width = int(keep.sum(dim=1).max())
+    width = max(1, int(keep.sum(dim=1).max()))  # one (invalid) slot when nothing is kept: no empty tensors
     index = order[:, :width]
     return index, keep.gather(1, index)
 

@@ -243,13 +243,17 @@ class PiConformanceKit:
             policy.model.gradient_checkpointing_disable()
 
 
-def probe_batch(config: Any, instruction: int = 0, seed: int = 0, batch_size: int = 2, prompt_len: int = 16,
+def probe_batch(config: Any, variant: str = "original", seed: int = 0, batch_size: int = 2, prompt_len: int = 16,
                 task_len: int = 8, vocab: int = TINY_VOCAB) -> dict[str, torch.Tensor]:
     """A model-ready batch for any pi0/pi0.5 config (real or tiny): images, state, action, prompt.
 
-    The first ``task_len`` prompt tokens are the task (marked in ``task_mask``); ``instruction``
-    changes only them. Token ids stay below ``vocab`` so the batch suits tiny and full vocabularies.
+    The prompt is ``[task tokens, 4 scaffolding tokens, padding]``; the task tokens are marked in
+    ``task_mask``. ``variant`` changes only them: ``original``, ``swapped`` (other ids), ``empty``
+    (none) or ``shuffled`` (permuted). Token ids stay below ``vocab`` so the batch suits tiny and full
+    vocabularies.
     """
+    if variant not in ("original", "swapped", "empty", "shuffled"):
+        raise ValueError(f"unknown probe variant {variant!r}")
     g = torch.Generator().manual_seed(seed)
     batch: dict[str, torch.Tensor] = {}
     for key, feature in config.image_features.items():
@@ -258,12 +262,20 @@ def probe_batch(config: Any, instruction: int = 0, seed: int = 0, batch_size: in
     batch["observation.state"] = torch.rand(batch_size, state_dim, generator=g) * 2 - 1
     action_dim = config.action_feature.shape[0]
     batch["action"] = torch.rand(batch_size, config.chunk_size, action_dim, generator=g) * 2 - 1
-    task = torch.randint(10, vocab, (batch_size, task_len), generator=torch.Generator().manual_seed(1000 + instruction))
-    rest = torch.randint(10, vocab, (batch_size, prompt_len - task_len), generator=g)
-    batch[TOKENS_KEY] = torch.cat([task, rest], dim=1)
-    batch[MASK_KEY] = torch.ones(batch_size, prompt_len, dtype=torch.bool)
+    words = torch.Generator().manual_seed(1001 if variant == "swapped" else 1000)
+    task = torch.randint(10, vocab, (batch_size, task_len), generator=words)
+    if variant == "shuffled":
+        task = task[:, torch.randperm(task_len, generator=torch.Generator().manual_seed(seed))]
+    if variant == "empty":
+        task = task[:, :0]
+    scaffold = torch.randint(10, vocab, (batch_size, 4), generator=g)
+    used = task.shape[1] + scaffold.shape[1]
+    pad = torch.zeros(batch_size, prompt_len - used, dtype=torch.long)
+    batch[TOKENS_KEY] = torch.cat([task, scaffold, pad], dim=1)
+    batch[MASK_KEY] = torch.zeros(batch_size, prompt_len, dtype=torch.bool)
+    batch[MASK_KEY][:, :used] = True
     task_mask = torch.zeros(batch_size, prompt_len, dtype=torch.bool)
-    task_mask[:, :task_len] = True
+    task_mask[:, : task.shape[1]] = True
     batch[TASK_MASK_KEY] = task_mask
     return batch
 
