@@ -75,6 +75,11 @@ def test_two_stages_resume_and_reload_through_lerobot_train(ws):
     assert saved["type"] == "apt_pi0" and saved["apt"]["stage"] == 1 and saved["apt"]["check_frozen"] is True
     assert json.loads((ckpt(ws, "s1") / "apt_manifest.json").read_text())["stage"] == 1
 
+    # Resume Stage 1 for two more steps (the promotion below starts from the resumed checkpoint).
+    run(ws, str(BIN / "lerobot-train"), f"--config_path={ckpt(ws, 's1') / 'train_config.json'}",
+        "--resume=true", "--steps=4", "--env.discover_packages_path=apt_tiny_pi")
+    assert json.loads((ws / "s1" / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())["step"] == 4
+
     # Stage 2 from the Stage-1 checkpoint: automatic, strict promotion, printed.
     s2 = train(ws, "s2", "--policy.type=apt_pi0", "--policy.apt.stage=2", *TINY,
                f"--policy.pretrained_path={ckpt(ws, 's1')}")
@@ -85,9 +90,9 @@ def test_two_stages_resume_and_reload_through_lerobot_train(ws):
     first = load_file(str(ckpt(ws, "s2") / "model.safetensors"))
 
     # Resume Stage 2 for two more steps.
-    resumed = run(ws, str(BIN / "lerobot-train"), f"--config_path={ckpt(ws, 's2') / 'train_config.json'}",
-                  "--resume=true", "--steps=4", "--env.discover_packages_path=apt_tiny_pi")
-    assert "step:4" in resumed.out.replace(" ", "")[-5000:] or "step:4 " in resumed.out
+    run(ws, str(BIN / "lerobot-train"), f"--config_path={ckpt(ws, 's2') / 'train_config.json'}",
+        "--resume=true", "--steps=4", "--env.discover_packages_path=apt_tiny_pi")
+    assert json.loads((ws / "s2" / "checkpoints" / "last" / "training_state" / "training_step.json").read_text())["step"] == 4
     after = load_file(str(ckpt(ws, "s2") / "model.safetensors"))
     assert any(not (first[k] == after[k]).all() for k in first if ".apt_fusion." in k)
 
@@ -132,6 +137,23 @@ def test_discovery_with_and_without_the_flag(ws):
           "--policy.apt.stage=1", *TINY[:-1], "--policy.tokenizer_max_length=32")
 
 
+def test_apt_fields_from_a_json_config_file(ws, tmp_path):
+    """Every APT field can come from a LeRobot --config_path file as well as from the CLI."""
+    config = {
+        "dataset": {"repo_id": "local/apt_demo", "root": str(ws / "data")},
+        "policy": {"type": "apt_pi0", "device": "cpu", "push_to_hub": False, "chunk_size": 4, "n_action_steps": 4,
+                   "max_state_dim": 8, "max_action_dim": 8, "image_resolution": [28, 28], "tokenizer_max_length": 16,
+                   "apt": {"stage": 1, "gate_granularity": "scalar", "check_frozen": True}},
+        "output_dir": str(tmp_path / "out"), "batch_size": 4, "steps": 2, "num_workers": 0, "save_freq": 2,
+        "log_freq": 1, "wandb": {"enable": False},
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(config))
+    run(ws, str(BIN / "lerobot-train"), f"--config_path={path}", "--env.discover_packages_path=apt_tiny_pi")
+    saved = json.loads((tmp_path / "out" / "checkpoints" / "last" / "pretrained_model" / "config.json").read_text())
+    assert saved["apt"]["gate_granularity"] == "scalar" and saved["apt"]["check_frozen"] is True
+
+
 def test_bad_apt_value_on_the_cli_names_the_field(ws):
     bad = train(ws, "bad", "--policy.type=apt_pi0", "--policy.apt.stage=3", *TINY, ok=False)
     assert "policy.apt.stage=3" in bad.out and "allowed values: 1, 2" in bad.out
@@ -142,7 +164,12 @@ def test_retrofit_round_trip_and_bad_inputs(ws):
     train(ws, "stock", "--policy.type=pi0", *TINY)  # a plain LeRobot pi0 checkpoint
     src = ckpt(ws, "stock")
     cli = [str(BIN / "apt-plugins"), "retrofit", "--import=apt_tiny_pi"]
-    exact = run(ws, *cli, str(src), str(ws / "rt2"), "--stage=2", "--keep-language-paths")
+    # SRC may also be a repo id already in the local hub cache (never downloaded).
+    cached = ws / "hub" / "models--local--stock-pi0" / "snapshots" / ("1" * 40)
+    shutil.copytree(src, cached)
+    (cached.parent.parent / "refs").mkdir(exist_ok=True)
+    (cached.parent.parent / "refs" / "main").write_text("1" * 40)
+    exact = run(ws, *cli, "local/stock-pi0", str(ws / "rt2"), "--stage=2", "--keep-language-paths")
     assert "sampled actions identical to the source policy" in exact.out
     manifest = json.loads((ws / "rt2" / "apt_manifest.json").read_text())
     assert manifest["retrofit"]["added_tensors"] and all(".apt_fusion." in k for k in manifest["retrofit"]["added_tensors"])

@@ -258,3 +258,22 @@ def test_unmasked_stage2_equals_stock_pi0_inference():
     assert torch.equal(kit.actions(stock, batch), kit.actions(apt, batch))
     stock.train(), apt.train()
     assert torch.allclose(kit.loss(stock, batch), kit.loss(apt, batch), atol=1e-6, rtol=1e-6)
+
+
+def test_retrofit_rewrites_a_stock_pi05_preprocessor(offline_hub, tmp_path):
+    """A copied stock pi0.5 preprocessor gains the task-span steps and still loads and runs."""
+    from lerobot.policies.pi05.processor_pi05 import make_pi05_pre_post_processors
+    from lerobot.processor import PolicyProcessorPipeline
+
+    from apt_plugins_lerobot_pi.processing import rewrite_pi05_preprocessor
+
+    kit = PiConformanceKit("lerobot_pi05")
+    config = kit.policy_config(None, tokenizer_max_length=24)
+    pre, _ = make_pi05_pre_post_processors(config, dataset_stats=_stats())
+    pre.save_pretrained(tmp_path)
+    assert rewrite_pi05_preprocessor(tmp_path)
+    assert not rewrite_pi05_preprocessor(tmp_path)  # idempotent
+    loaded = PolicyProcessorPipeline.from_pretrained(tmp_path, config_filename="policy_preprocessor.json")
+    out = loaded(_raw("pick the red cube"))
+    mask = out["observation.language.task_mask"][0]
+    assert mask.sum() == 7 and not mask[-1]  # "Task : pick the red cube ,"
