@@ -268,7 +268,8 @@ def default_param_groups(
         family = "vlm" if group in VLM_GROUPS else group
         if family not in settings:
             raise AdapterValidationError(
-                "?", f"parameter {name!r} in group {group!r} is trainable but has no optimizer group."
+                apt_state(policy).adapter.name if apt_state(policy) else type(policy).__name__,
+                f"parameter {name!r} in group {group!r} is trainable but has no optimizer group.",
             )
         key = family if param.ndim >= 2 else f"{family}_no_decay"
         buckets.setdefault(key, []).append(param)
