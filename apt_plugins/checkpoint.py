@@ -106,6 +106,10 @@ def load_state_dict_strict(
     unexpected = sorted(set(state_dict) - used)
     if missing or unexpected or mismatched:
         cause = explain(missing, unexpected) if explain else ""
+        if any(".apt_" in m for m in mismatched):
+            cause = ("the fusion layers have other shapes than in the checkpoint: an APT setting that shapes them "
+                     "differs (gate_granularity, or the expert width/depth). Load with the checkpoint's apt settings "
+                     "(its config.json).")
         raise CheckpointMismatchError(source, missing, unexpected, cause, mismatched)
     with torch.no_grad():
         result = model.load_state_dict(mapped, strict=False)

@@ -52,7 +52,7 @@ class AptConfig(BaseModel):
     fusion_zero_init: bool = Field(
         True,
         description="Zero-initialise the fusion output projection, so Stage 2 at step 0 computes exactly the "
-        "Stage-1 function.",
+        "Stage-1 function (as long as inherited layers keep the language mask).",
     )
     fusion_source_layers: tuple[int, ...] | None = Field(
         None,
@@ -83,6 +83,13 @@ class AptConfig(BaseModel):
         description="Fingerprint every frozen tensor when training starts and check the fingerprints at every "
         "checkpoint; refuse to write a checkpoint if any frozen tensor changed.",
     )
+
+    def __init__(self, **data: Any) -> None:
+        # Direct construction gets the same field/value/fix errors as AptConfig.parse().
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise _to_config_error(exc, data, "apt") from None
 
     @field_validator("stage", mode="before")
     @classmethod
@@ -118,8 +125,10 @@ class AptConfig(BaseModel):
             raise AptConfigError(prefix, data, "expected a mapping of APT fields or an AptConfig.")
         try:
             return cls(**data)
-        except ValidationError as exc:
-            raise _to_config_error(exc, data, prefix) from None
+        except AptConfigError as exc:
+            if prefix == "apt":
+                raise
+            raise AptConfigError(prefix + exc.field.removeprefix("apt"), exc.value, exc.fix) from None
 
     @classmethod
     def from_settings(cls, settings: Any, prefix: str = "apt") -> AptConfig:

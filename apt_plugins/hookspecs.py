@@ -54,7 +54,8 @@ def apt_select_adapter(policy: Any, registry: AdapterRegistry) -> Adapter | None
     returns the first registered adapter whose ``matches(policy)`` is true. Implement this to
     override the choice (for example to pick a generation-specific adapter).
 
-    Called by :func:`apt_plugins.prepare_stage` and every command that receives a bare host policy.
+    Called by :func:`apt_plugins.prepare_stage` when it is not told which adapter to use (a bare host
+    policy). The APT policy types (``apt_pi0``, ...) name their adapter and do not consult it.
 
     :param policy: the host object (a LeRobot ``PreTrainedPolicy``, an openpi model, ...).
     :param registry: the adapter registry, to look adapters up by name.
@@ -70,8 +71,9 @@ def apt_prepare_stage(policy: Any, adapter: Adapter, config: AptConfig, report: 
 
     Called by :func:`apt_plugins.prepare_stage` after the adapter injected the language masks (and,
     in Stage 2, the gated fusion layers), trainability was applied and LoRA was attached. All
-    implementations are called. A plugin may register further modules here; anything it adds to
-    the policy must also be covered by the adapter's module groups.
+    implementations are called. A plugin may register further modules here (and set their
+    ``requires_grad``); parameters are re-classified afterwards, so anything it adds must lie under
+    one of the adapter's module groups, or preparation fails naming the parameter.
 
     :param policy: the host policy, already prepared.
     :param adapter: the adapter that prepared it.
@@ -95,7 +97,7 @@ def apt_param_groups(
     ``base_lr * vlm_lr_multiplier`` with ``vlm_weight_decay``; gates, norms and biases (every
     parameter with fewer than two dimensions) go to ``*_no_decay`` twins with weight decay 0.
 
-    Called by the APT policies' ``get_optim_params`` and by the DeepSpeed entry point.
+    Called by :func:`apt_plugins.param_groups`, which the APT policies' ``get_optim_params`` use.
 
     :param policy: the prepared host policy.
     :param adapter: its adapter.
@@ -125,7 +127,7 @@ def apt_checkpoint_loaded(policy: Any, path: str, report: dict[str, Any]) -> Non
 
     :param policy: the policy that was loaded.
     :param path: the checkpoint directory or file.
-    :param report: ``{"loaded": [...], "fresh": [...], "source_stage": int | None}``.
+    :param report: ``{"source": str, "loaded": [...], "fresh": [...], "source_stage": int | None}``.
     """
 
 

@@ -65,8 +65,6 @@ class PluginManager:
         self.register_plugin(defaults, name="apt_plugins.defaults", source="builtin")
         if autoload and os.environ.get(AUTOLOAD_ENV, "") not in ("1", "true", "yes"):
             self._load_entry_points()
-        # An impl whose name starts with apt_ but matches no spec is a typo: fail at start.
-        self.pm.check_pending()
 
     # --------------------------------------------------------------------------- loading
     def _load_entry_points(self) -> None:
@@ -103,7 +101,12 @@ class PluginManager:
         info = PluginInfo(name, source)
         try:
             self.pm.register(plugin, name=name)
+            # Validate this plugin's hooks now (an ``apt_*`` impl without a spec is a typo), so one
+            # broken plugin is reported under its name instead of failing the whole manager.
+            self.pm.check_pending()
         except Exception as exc:
+            if self.pm.get_plugin(name) is not None:
+                self.pm.unregister(name=name)
             info.error = f"registration failed: {_describe(exc)}"
             self.plugins[name] = info
             return name

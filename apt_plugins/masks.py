@@ -1,8 +1,9 @@
 """Language-visibility masks shared by adapters.
 
-APT masks *visibility*: language tokens stay in the sequence with their positions, but rows that
-must not see language lose those columns. Dropping tokens instead would shift position ids and make
-Stage 2 unable to reproduce Stage 1.
+APT defines Stage 1 by *visibility*: rows that must not see language lose those columns. An
+adapter may then compute the visible rows without the hidden tokens at all (the pi adapter does,
+to make invariance bit-exact), as long as Stage 1 and Stage 2 compute them the same way; what it
+must not do is change what the *language* rows see, or Stage 2 loses the language context.
 """
 
 from __future__ import annotations

@@ -126,12 +126,14 @@ def prepare_stage(
     if state is not None:
         if state.config == config and state.adapter.name == adapter.name:
             return state.report
+        old, new = state.config.model_dump(), config.model_dump()
+        changed = {k: new[k] for k in new if new[k] != old[k]}
         raise AptConfigError(
             "apt",
-            config.model_dump(),
-            f"this policy is already prepared for stage {state.config.stage} ({state.config.model_dump()}); "
-            "a policy is prepared once. Build a new policy, or save it and load the checkpoint with the new "
-            "config (Stage 1 -> Stage 2 promotion).",
+            changed,
+            f"this policy is already prepared for stage {state.config.stage} with "
+            f"{ {k: old[k] for k in changed} }; a policy is prepared once. Build a new policy, or save it and "
+            "load the checkpoint with the new config (Stage 1 -> Stage 2 promotion).",
         )
     adapter.check_host_version()
     adapter.inject(policy, config)
@@ -139,8 +141,11 @@ def prepare_stage(
         _attach_lora(policy, adapter, config)
     groups = classify_parameters(policy, adapter)
     report = _apply_trainability(policy, adapter, config, groups)
-    policy.__dict__[_STATE_ATTR] = AptState(adapter, config, report, groups)
+    state = AptState(adapter, config, report, groups)
+    policy.__dict__[_STATE_ATTR] = state
     pm.hook.apt_prepare_stage(policy=policy, adapter=adapter, config=config, report=report)
+    # A plugin may have added modules: every parameter must still belong to a group (or this raises).
+    state.groups = classify_parameters(policy, adapter)
     return report
 
 

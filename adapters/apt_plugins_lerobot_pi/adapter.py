@@ -76,7 +76,7 @@ class _PiAdapter(Adapter):
             "prompt tokens")
         if config.masks_language_in_inherited_layers:
             where = (f"{what} hidden from image-token queries in the VLM prefix and from state/action queries "
-                     "in every expert layer (training and cached inference)")
+                     "in every expert layer, positions included (training and cached inference)")
             if self.name == "lerobot_pi05" and config.language_mask_scope == "task":
                 where += "; the state tokens in the prompt stay visible"
         else:

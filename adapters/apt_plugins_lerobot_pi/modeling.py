@@ -2,15 +2,20 @@
 
 One code path serves training and cached inference:
 
-1. the prefix (images + prompt) runs through the VLM once, with the language-visibility mask,
-   producing every layer's keys/values; without autograd whenever the VLM is frozen;
+1. the prefix runs through the VLM once, producing every layer's keys/values; without autograd
+   whenever the VLM is frozen. With language masked, the tokens the action path may see (images,
+   pi0.5's state tokens) run without the hidden language tokens and with positions that do not
+   count them; the language tokens run separately (attending to the visible ones) only when a
+   Stage-2 fusion layer reads them. Visibility, not deletion, defines the function: no visible token
+   may attend to language, so leaving language out of their pass is the same computation, minus
+   the floating-point noise that masked columns would add;
 2. the action expert runs on the suffix (state/action tokens) against those keys/values, and in
    Stage 2 a gated fusion layer after each expert layer reads the corresponding VLM layer's
    keys/values *including language*.
 
 This equals LeRobot's joint training pass (the prefix never attends to the suffix) while skipping
-all autograd work on a frozen VLM. Language is hidden by visibility, never by dropping tokens or
-changing position ids, so Stage 2 with closed gates reproduces Stage 1 bit for bit.
+all autograd work on a frozen VLM. Stage 1 is exactly blind to the instruction (content and
+length), and Stage 2 with closed gates reproduces Stage 1 bit for bit.
 """
 
 from __future__ import annotations

@@ -42,7 +42,11 @@ def task_clause(prompt: str, task: str) -> tuple[int, int]:
             return 0, end + 1 if prompt[end : end + 1] == "," else end
     start = prompt.find(task)
     if start < 0:
-        raise LanguageMaskError(f"task text {task!r} not found in the prompt {prompt!r}.")
+        raise LanguageMaskError(
+            f"task text {task!r} not found in the prompt {prompt!r}: a processor step between "
+            "RecordTaskTextStep and the tokenizer rewrote the task. Keep the apt_pi05 pipeline order "
+            "(make_apt_pi05_pre_post_processors) or set apt.language_mask_scope='prompt'."
+        )
     return start, start + len(task)
 
 

@@ -185,6 +185,7 @@ class AptPolicyMixin:
         )
         report.source_stage = source_stage
         policy.apt_load_report = report
+        _warn_behaviour_changes(manifest, policy.apt_config, directory)
         hook = get_plugin_manager().hook
         if promoting:
             policy.apt_parent = {"path": str(directory), "stage": 1}
@@ -196,6 +197,26 @@ class AptPolicyMixin:
         policy.to(config.device)
         policy.eval()
         return policy
+
+
+# Settings that change the function without changing any tensor: a silent change on reload would
+# alter a trained policy's behaviour, so it is reported.
+_BEHAVIOUR_FIELDS = ("fusion_source_layers", "fusion_context", "inherited_layers_keep_language_mask",
+                     "language_mask_scope")
+
+
+def _warn_behaviour_changes(manifest: dict[str, Any] | None, config: AptConfig, directory: Path) -> None:
+    saved = (manifest or {}).get("apt_config")
+    if not saved or manifest.get("stage") != config.stage:
+        return
+    now = config.model_dump(mode="json")
+    changed = {k: (saved.get(k), now[k]) for k in _BEHAVIOUR_FIELDS if k in saved and saved[k] != now[k]}
+    if changed:
+        logger.warning(
+            "APT: loading %s with settings that change its function (checkpoint -> now): %s. "
+            "If this is not intended, use the checkpoint's apt settings (--policy.path keeps them).",
+            directory, ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+        )
 
 
 def resolve_checkpoint_dir(name_or_path: str | Path, revision: str | None = None) -> Path:
