@@ -63,17 +63,21 @@ def test_list_json():
 
 
 def test_list_blocked():
-    res = apt_plugins_cli("list", block="lerobot_pi")
+    # Both in-tree adapter plugins blocked: no adapter is registered.
+    res = apt_plugins_cli("list", block="lerobot_pi,lerobot_groot")
     assert res.returncode == 0, res.stderr
     line = next(line for line in res.stdout.splitlines() if line.strip().startswith("lerobot_pi "))
     assert "blocked" in line
     assert "(none registered)" in res.stdout
     assert "lerobot_pi0 " not in res.stdout
 
-    data = json.loads(apt_plugins_cli("list", "--json", block="lerobot_pi").stdout)
+    data = json.loads(apt_plugins_cli("list", "--json", block="lerobot_pi,lerobot_groot").stdout)
     plugins = {p["name"]: p for p in data["plugins"]}
-    assert plugins["lerobot_pi"]["blocked"] is True
+    assert plugins["lerobot_pi"]["blocked"] is True and plugins["lerobot_groot"]["blocked"] is True
     assert data["adapters"] == []
+    # Blocking one plugin leaves the other's adapters registered.
+    data = json.loads(apt_plugins_cli("list", "--json", block="lerobot_pi").stdout)
+    assert [a["name"] for a in data["adapters"]] == ["lerobot_groot"]
 
 
 def test_list_reports_a_broken_plugin_and_strict_fails():

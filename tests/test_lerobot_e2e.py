@@ -131,7 +131,7 @@ def test_discovery_with_and_without_the_flag(ws):
              "assert any(d.metadata['Name'] == 'lerobot_policy_apt' for d in m.distributions());"
              "print(sorted(c for c in C.get_known_choices() if c.startswith('apt_')))")
     out = run(ws, sys.executable, "-c", probe).out
-    assert "['apt_pi0', 'apt_pi05']" in out
+    assert "['apt_groot', 'apt_pi0', 'apt_pi05']" in out  # every in-tree LeRobot adapter's types
     # The explicit flag keeps working (and does not clash with the shim's registration).
     train(ws, "flag", "--policy.type=apt_pi05", "--policy.discover_packages_path=apt_plugins_lerobot_pi",
           "--policy.apt.stage=1", *TINY[:-1], "--policy.tokenizer_max_length=32")

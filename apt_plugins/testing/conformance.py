@@ -27,7 +27,9 @@ __all__ = [
     "check_stage1_language_invariance",
     "check_frozen_stays_frozen",
     "check_closed_gate_carry_over",
+    "check_fresh_stage2_is_closed",
     "check_stage2_reads_language",
+    "check_finite",
     "check_save_load_round_trip",
     "check_gradient_checkpointing",
     "check_documented_errors",
@@ -131,7 +133,11 @@ def check_frozen_stays_frozen(kit: ConformanceKit, config: AptConfig) -> None:
             assert changed, f"trainable tensor {name} ({state.groups[name]}) did not change in {TRAIN_STEPS} steps"
         else:
             assert not changed, f"frozen tensor {name} ({state.groups[name]}) changed"
-    for name in before.keys() - params.keys():  # buffers
+    # Buffers. A state-dict entry that aliases a parameter (a tied LM head) is that parameter, checked above.
+    param_storage = {p.data_ptr() for p in params.values()}
+    for name in before.keys() - params.keys():
+        if after[name].data_ptr() in param_storage:
+            continue
         assert torch.equal(before[name], after[name]), f"buffer {name} changed"
 
 
@@ -176,6 +182,52 @@ def check_closed_gate_carry_over(kit: ConformanceKit, config: AptConfig) -> None
         assert not torch.equal(before[name], after[name]), f"fusion tensor {name} did not change in training"
     gates = [n for n in fusion if "gate" in n]
     assert gates, "no gate parameters found among the fusion tensors"
+
+
+def check_fresh_stage2_is_closed(kit: ConformanceKit, config: AptConfig) -> None:
+    """A Stage-2 policy *constructed* from the base weights equals a Stage-1 one exactly (not only after promotion).
+
+    Guards the fusion layers' initialisation at construction: a host loader that re-initialises
+    modules missing from its checkpoint (transformers does) would open them if they were injected
+    before it ran.
+    """
+    torch = _torch()
+    assert config.stage == 2 and config.fusion_zero_init
+    stage1 = kit.build(AptConfig(stage=1, language_mask_scope=config.language_mask_scope))
+    stage2 = kit.build(config)
+    ref = stage1.state_dict()
+    for name, value in stage2.state_dict().items():
+        if ".apt_" in name or ".lora_" in name:
+            if ".apt_" in name and ".lora_" not in name and name.endswith("o_proj.weight"):
+                assert not value.any(), f"fusion output projection {name} is not zero after construction"
+            continue
+        base = name.replace(".base_layer.", ".")  # peft renames the wrapped weights
+        assert base in ref and torch.equal(ref[base], value), f"{name} differs between fresh Stage-1 and Stage-2 policies"
+    batch = kit.make_batch()
+    l1, l2 = kit.loss(stage1, batch), kit.loss(stage2, batch)
+    assert _max_diff(l1, l2) == 0.0, f"fresh Stage-2 loss differs from Stage 1 by {_max_diff(l1, l2)}"
+    a1, a2 = kit.actions(stage1, batch), kit.actions(stage2, batch)
+    assert _max_diff(a1, a2) == 0.0, f"fresh Stage-2 actions differ from Stage 1 by {_max_diff(a1, a2)}"
+
+
+def check_finite(kit: ConformanceKit, config: AptConfig) -> None:
+    """Loss, gradients and actions are finite for every instruction (masks never leave a row without keys)."""
+    torch = _torch()
+    policy = kit.build(config)
+    if config.stage == 2:
+        kit.perturb_fusion(policy)
+    for instruction in range(3):
+        batch = kit.make_batch(instruction=instruction)
+        policy.train()
+        policy.zero_grad()
+        loss = kit.loss(policy, batch)
+        assert torch.isfinite(loss).all(), f"non-finite loss {loss.item()!r} (instruction {instruction})"
+        loss.backward()
+        for name, param in policy.named_parameters():
+            if param.grad is not None:
+                assert torch.isfinite(param.grad).all(), f"non-finite gradient of {name} (instruction {instruction})"
+        actions = kit.actions(policy, batch)
+        assert torch.isfinite(actions).all(), f"non-finite actions (instruction {instruction})"
 
 
 def check_stage2_reads_language(kit: ConformanceKit, config: AptConfig) -> None:
@@ -281,7 +333,9 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "stage1_language_invariance": (check_stage1_language_invariance, "1"),
     "frozen_stays_frozen": (check_frozen_stays_frozen, "all"),
     "closed_gate_carry_over": (check_closed_gate_carry_over, "2"),
+    "fresh_stage2_is_closed": (check_fresh_stage2_is_closed, "2"),
     "stage2_reads_language": (check_stage2_reads_language, "2"),
+    "finite": (check_finite, "all"),
     "save_load_round_trip": (check_save_load_round_trip, "all"),
     "gradient_checkpointing": (check_gradient_checkpointing, "all"),
     "documented_errors": (check_documented_errors, "1"),
