@@ -52,9 +52,9 @@ echo "==> creating $VENV with $PY ($("$PY" --version 2>&1))"
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-echo "==> installing apt-plugins[lerobot,groot,demo,test] and the lerobot_policy_apt shim (pulls torch and LeRobot 0.6.1; a few minutes on a fresh machine)"
+echo "==> installing apt-plugins[lerobot,groot,deepspeed,demo,test] and the lerobot_policy_apt shim (pulls torch and LeRobot 0.6.1; a few minutes on a fresh machine)"
 # The shim is a second distribution named lerobot_policy_apt: LeRobot auto-imports it, so the APT
 # policy types work in lerobot-train/lerobot-eval without any --policy.discover_packages_path flag.
-"$VENV/bin/python" -m pip install --quiet --progress-bar off -e "$ROOT[lerobot,groot,demo,test]" -e "$ROOT/adapters/lerobot_policy_apt"
+"$VENV/bin/python" -m pip install --quiet --progress-bar off -e "$ROOT[lerobot,groot,deepspeed,demo,test]" -e "$ROOT/adapters/lerobot_policy_apt"
 fingerprint > "$STAMP"
 echo "==> environment ready: $VENV"

@@ -90,14 +90,21 @@ class AptPolicyMixin:
         return metrics
 
     # ------------------------------------------------------------------ frozen-weight proof
-    def verify_frozen(self) -> int:
+    def verify_frozen(self, state_dict: dict[str, Any] | None = None) -> int:
         """Check every fingerprinted frozen tensor; raise :class:`AptError` naming any that changed.
 
-        Returns the number of tensors checked (0 when nothing was fingerprinted yet).
+        ``state_dict``: check these (gathered) tensors instead of the module's own, for engines that
+        partition parameters (DeepSpeed ZeRO-3). Returns the number of tensors checked (0 when nothing
+        was fingerprinted yet).
         """
+        from apt_plugins.checkpoint import tensor_fingerprint
+
         if not self._apt_frozen_fingerprints:
             return 0
-        now = fingerprint(self, names=self._apt_frozen_fingerprints)
+        if state_dict is not None:
+            now = {n: tensor_fingerprint(state_dict[n]) for n in self._apt_frozen_fingerprints if n in state_dict}
+        else:
+            now = fingerprint(self, names=self._apt_frozen_fingerprints)
         changed = sorted(n for n, h in self._apt_frozen_fingerprints.items() if now.get(n) != h)
         if changed:
             raise AptError(
@@ -110,18 +117,19 @@ class AptPolicyMixin:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Any] | None = None) -> None:
-        checked = self.verify_frozen() if self.apt_config.check_frozen else 0
+        checked = self.verify_frozen(state_dict) if self.apt_config.check_frozen else 0
         super()._save_pretrained(save_directory, state_dict=state_dict)
-        manifest = self.apt_manifest()
+        manifest = self.apt_manifest(state_dict)
         if checked:
             manifest["frozen_check"] = {"tensors": checked, "unchanged": True}
             logger.info("APT check_frozen: %d frozen tensors unchanged at this checkpoint", checked)
         write_manifest(save_directory, manifest)
         get_plugin_manager().hook.apt_checkpoint_saved(policy=self, path=str(save_directory), manifest=manifest)
 
-    def apt_manifest(self) -> dict[str, Any]:
+    def apt_manifest(self, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
         """What ``apt_manifest.json`` records: stage, config, APT tensors and their provenance."""
         state = apt_state(self)
+        tensors = state_dict if state_dict is not None else self.state_dict()
         report = getattr(self, "apt_load_report", None)
         return {
             "format": 1,
@@ -131,7 +139,7 @@ class AptPolicyMixin:
             "policy_type": self.name,
             "stage": state.config.stage,
             "apt_config": state.config.model_dump(),
-            "apt_tensors": {k: list(v.shape) for k, v in self.state_dict().items() if ".apt_" in k},
+            "apt_tensors": {k: list(v.shape) for k, v in tensors.items() if ".apt_" in k},
             "fresh_at_last_load": list(report.fresh) if report is not None else [],
             "parent": getattr(self, "apt_parent", None),
         }
