@@ -246,3 +246,20 @@ def test_other_launchers(ws, launcher):
                     "--save_checkpoint=false", steps=2, launcher=launcher)
     assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2) and r0["zero_stage"] == 2
     assert r0["checksum"] == r1["checksum"]
+
+
+@needs_deepspeed
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_stage2_full_vlm_zero2_optimizer_offload(ws):
+    """ZeRO-Offload with DeepSpeedCPUAdam (JIT-built on first use) keeps the adapter's per-group lr."""
+    stage1 = ws / "s1" / "checkpoints" / "last" / "pretrained_model"
+    if not stage1.exists():
+        pytest.skip("needs the Stage-1 ZeRO-2 run")
+    r0, r1 = launch(ws, "offload", "--ds.recipe=stage2_full_zero2_offload", "--policy.type=apt_pi0",
+                    "--policy.apt.stage=2", "--policy.apt.vlm_mode=full", f"--policy.pretrained_path={stage1}",
+                    *TINY, "--save_checkpoint=false", steps=2)
+    assert r0["optimizer"] == "DeepSpeedCPUAdam" and r0["frozen_unchanged"]
+    lrs = r0["group_lrs"]
+    assert lrs["vlm"] == pytest.approx(lrs["action_expert"] * 0.1) and lrs["fusion"] == pytest.approx(lrs["action_expert"])
+    assert r0["checksum"] == r1["checksum"]

@@ -274,6 +274,8 @@ def run(cfg: Any, ds: DeepSpeedArgs) -> dict[str, Any]:
         if cfg.save_checkpoint and (step % cfg.save_freq == 0 or step == cfg.steps):
             _save(engine, policy, cfg, step, zero_stage, pre, post)
     report["optimizer_state_elements"] = _optimizer_state_elements(engine)
+    report["optimizer"] = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
+    report["group_lrs"] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
     report["steps"] = step
     # Frozen tensors, gathered: bit-identical to the start, on every rank.
     full = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else policy.state_dict()
