@@ -414,13 +414,31 @@ def _load_batch(path: str):
     return torch.load(path, weights_only=True)
 
 
-def train_worker(conn, policy: str, config: str, s: dict[str, Any], batch_path: str, threads: int) -> None:
+def pi_probes(pol: Any) -> tuple[list, list[bool], list[int]]:
+    """Forward hooks on the VLM's language model: (hooks, MLP-output requires_grad flags, LM token counts)."""
+    return lm_probes(pol.model.paligemma_with_expert.paligemma.model.language_model.layers)
+
+
+def lm_probes(vlm_layers: Any) -> tuple[list, list[bool], list[int]]:
+    """Hooks on a decoder-layer list: does a mid-layer MLP output join autograd, how many tokens enter layer 0."""
+    vlm_grad_flags: list[bool] = []
+    hooks = [vlm_layers[len(vlm_layers) // 2].mlp.register_forward_hook(
+        lambda _m, _i, out: vlm_grad_flags.append(bool(out.requires_grad)))]
+    vlm_tokens: list[int] = []
+    hooks.append(vlm_layers[0].self_attn.k_proj.register_forward_hook(
+        lambda _m, inp, _o: vlm_tokens.append(int(inp[0].shape[-2]))))
+    return hooks, vlm_grad_flags, vlm_tokens
+
+
+def train_worker(conn, policy: str, config: str, s: dict[str, Any], batch_path: str, threads: int,
+                 build: Any = None, probes: Any = None) -> None:
     """One training configuration in its own process, stepping when the driver says so.
 
     Protocol over ``conn``: sends ``("ready", info)`` once the model is built and the memory
     baseline taken; then answers every ``("step", i)`` with ``(seconds, loss)``; on ``("finish",)``
     sends the peak-memory summary and exits. The driver interleaves the configurations step by
-    step, so slow drifts of the (shared) machine hit all of them alike.
+    step, so slow drifts of the (shared) machine hit all of them alike. ``build(policy, config, s)``
+    and ``probes(pol)`` default to the pi ones (:func:`build_policy`, :func:`pi_probes`).
     """
     try:
         import torch
@@ -428,18 +446,12 @@ def train_worker(conn, policy: str, config: str, s: dict[str, Any], batch_path: 
         _setup_worker(threads)
         batch = _load_batch(batch_path)
         t_build = time.perf_counter()
-        pol = build_policy(policy, config, s)
+        pol = (build or build_policy)(policy, config, s)
         build_s = time.perf_counter() - t_build
 
         # Evidence for the expert-only discussion: do the VLM's activations join the autograd graph?
-        vlm_grad_flags: list[bool] = []
-        vlm_layers = pol.model.paligemma_with_expert.paligemma.model.language_model.layers
-        hooks = [vlm_layers[len(vlm_layers) // 2].mlp.register_forward_hook(
-            lambda _m, _i, out: vlm_grad_flags.append(bool(out.requires_grad)))]
-        # How many prefix tokens the VLM's language model processes per sample (all passes).
-        vlm_tokens: list[int] = []
-        hooks.append(vlm_layers[0].self_attn.k_proj.register_forward_hook(
-            lambda _m, inp, _o: vlm_tokens.append(int(inp[0].shape[-2]))))
+        # And how many prefix tokens the VLM's language model processes per sample (all passes).
+        hooks, vlm_grad_flags, vlm_tokens = (probes or pi_probes)(pol)
 
         params = list(pol.parameters())
         info = dict(
@@ -490,7 +502,8 @@ def train_worker(conn, policy: str, config: str, s: dict[str, Any], batch_path: 
 
 
 def run_training(ctx, policy: str, s: dict[str, Any], batch_path: str, steps: int, warmup: int,
-                 threads: int, quiet: Quiet) -> dict[str, dict]:
+                 threads: int, quiet: Quiet, configs: tuple[str, ...] = TRAIN_CONFIGS,
+                 worker_kwargs: dict[str, Any] | None = None) -> dict[str, dict]:
     """All training configurations of ``policy``: one process each, stepped round-robin.
 
     With ``quiet`` enabled, every timed round waits for the machine to be quiet first, and a round
@@ -500,16 +513,16 @@ def run_training(ctx, policy: str, s: dict[str, Any], batch_path: str, steps: in
     procs, conns, results = {}, {}, {}
     rejected = 0
     try:
-        for config in TRAIN_CONFIGS:  # build one at a time (the builds are not timed, but keep them quiet)
+        for config in configs:  # build one at a time (the builds are not timed, but keep them quiet)
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=train_worker, args=(child, policy, config, s, batch_path, threads),
-                               name=f"bench-{policy}-{config}")
+                               kwargs=worker_kwargs or {}, name=f"bench-{policy}-{config}")
             proc.start()
             child.close()
             procs[config], conns[config] = proc, parent
             tag, info = _recv(parent, proc)
             results[config] = dict(info, step_s_all=[], foreign_cpu_share_all=[], losses=[])
-        order = list(TRAIN_CONFIGS)
+        order = list(configs)
         i = kept = 0
         while kept < steps and i < warmup + 3 * steps:
             timed = i >= warmup
@@ -533,7 +546,7 @@ def run_training(ctx, policy: str, s: dict[str, Any], batch_path: str, steps: in
             for config, (dt, foreign) in round_.items():
                 results[config]["step_s_all"].append(dt)
                 results[config]["foreign_cpu_share_all"].append(foreign)
-        for config in TRAIN_CONFIGS:
+        for config in configs:
             conns[config].send(("finish",))
             results[config].update(_recv(conns[config], procs[config]))
             procs[config].join(timeout=60)
@@ -566,20 +579,22 @@ def _recv(conn, proc):
 
 
 def infer_worker(policy: str, s: dict[str, Any], batch_path: str, reps: int, threads: int,
-                 quiet: Quiet) -> dict[str, Any]:
+                 quiet: Quiet, build: Any = None, configs: tuple[str, ...] = INFER_CONFIGS,
+                 drop: tuple[str, ...] = ("action",)) -> dict[str, Any]:
     """``predict_action_chunk`` of stock vs APT Stage 1 / Stage 2, interleaved, same process.
 
     With ``quiet`` enabled, a repetition during which other processes were busy is repeated (at
-    most ``3 x reps`` timed repetitions), as in :func:`run_training`.
+    most ``3 x reps`` timed repetitions), as in :func:`run_training`. ``drop``: batch keys that are
+    not observations.
     """
     import torch
 
     _setup_worker(threads)
     batch = _load_batch(batch_path)
-    obs = {k: v for k, v in batch.items() if k != "action"}
-    pols = {name: build_policy(policy, name, s).eval() for name in INFER_CONFIGS}
-    times: dict[str, list[float]] = {name: [] for name in INFER_CONFIGS}
-    foreign: dict[str, list[float | None]] = {name: [] for name in INFER_CONFIGS}
+    obs = {k: v for k, v in batch.items() if k not in drop}
+    pols = {name: (build or build_policy)(policy, name, s).eval() for name in configs}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    foreign: dict[str, list[float | None]] = {name: [] for name in configs}
     shapes = {}
     r = kept = rejected = 0
     while kept < reps and r < 1 + 3 * reps:  # repetition 0 is the warm-up
@@ -620,9 +635,9 @@ def _run_isolated(ctx, fn, *args):
         return ex.submit(fn, *args).result()
 
 
-def ratios(train: dict[str, dict], infer: dict[str, Any]) -> list[dict[str, Any]]:
+def ratios(train: dict[str, dict], infer: dict[str, Any], targets: list[tuple] = TARGETS) -> list[dict[str, Any]]:
     rows = []
-    for name, num, den, kind, limit in TARGETS:
+    for name, num, den, kind, limit in targets:
         if kind == "infer":
             a, b = infer["infer_s"].get(num), infer["infer_s"].get(den)
         else:
