@@ -228,7 +228,13 @@ def test_stage2_full_vlm_zero3_partitions_consolidates_promotes_and_resumes(ws):
     resumed = launch(ws, "s2", *zero3, f"--config_path={ckpt / 'train_config.json'}", "--resume=true", steps=6)
     assert resumed[0]["steps"] == 6 and len(resumed[0]["losses"]) == 2
 
-    # The DeepSpeed checkpoint is a plain LeRobot checkpoint: lerobot-train --policy.path loads it.
+    # The DeepSpeed checkpoint is a plain LeRobot checkpoint: lerobot-eval and lerobot-train load it.
+    evaluation = subprocess.run([str(BIN / "lerobot-eval"), f"--policy.path={ckpt}", "--env.type=apt_blocks",
+                                 "--env.discover_packages_path=apt_tiny_pi", "--env.episode_length=4",
+                                 "--eval.n_episodes=1", "--eval.batch_size=1", "--policy.device=cpu",
+                                 f"--output_dir={ws / 's2_eval'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert evaluation.returncode == 0, (evaluation.stdout + evaluation.stderr)[-3000:]
+    assert (ws / "s2_eval" / "eval_info.json").is_file()
     run = subprocess.run([str(BIN / "lerobot-train"), f"--policy.path={ckpt}", "--env.discover_packages_path=apt_tiny_pi",
                           "--policy.push_to_hub=false", "--dataset.repo_id=local/apt_demo", f"--dataset.root={ws / 'data'}",
                           "--batch_size=2", "--steps=1", "--num_workers=0", f"--output_dir={ws / 's2_lerobot'}",
