@@ -130,6 +130,7 @@ def _port() -> int:
 
 def launch(ws: Path, name: str, *args: str, nproc: int = 2, batch: int = 2, steps: int = 4,
            launcher: str = "torchrun") -> list[dict]:
+    """Run the entry point under ``launcher`` (torchrun, deepspeed, python, or an accelerate recipe)."""
     env = {**os.environ, "HF_HUB_CACHE": str(ws / "hub"), "HF_HUB_OFFLINE": "1", "HF_LEROBOT_HOME": str(ws / "home"),
            "PYTHONPATH": str(ws / "plugins"), "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "apt_plugins_torch_extensions")}
@@ -143,6 +144,8 @@ def launch(ws: Path, name: str, *args: str, nproc: int = 2, batch: int = 2, step
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                f"--master_port={_port()}", *train_args]
+    elif launcher == "python":
+        cmd = [sys.executable, *train_args]
     elif launcher == "deepspeed":
         cmd = [str(BIN / "deepspeed"), f"--num_gpus={nproc}", "--no_local_rank", "--master_addr=127.0.0.1",
                f"--master_port={_port()}", "--module", *train_args[1:]]
@@ -244,14 +247,15 @@ def test_stage2_full_vlm_zero3_partitions_consolidates_promotes_and_resumes(ws):
 
 @needs_deepspeed
 @pytest.mark.e2e
-@pytest.mark.parametrize("launcher", ["deepspeed", "stage1_zero2"])
+@pytest.mark.parametrize("launcher", ["deepspeed", "stage1_zero2", "python"])
 def test_other_launchers(ws, launcher):
-    """The same entry point under the deepspeed launcher and under accelerate launch (recipe from its yaml)."""
-    recipe = [] if launcher != "deepspeed" else ["--ds.recipe=stage1_zero2"]
-    r0, r1 = launch(ws, f"launch_{launcher}", *recipe, "--policy.type=apt_pi0", "--policy.apt.stage=1", *TINY,
-                    "--save_checkpoint=false", steps=2, launcher=launcher)
-    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2) and r0["zero_stage"] == 2
-    assert r0["checksum"] == r1["checksum"]
+    """The same entry point under the deepspeed launcher, accelerate launch (recipe from its yaml), plain python."""
+    recipe = [] if launcher == "stage1_zero2" else ["--ds.recipe=stage1_zero2"]
+    nproc = 1 if launcher == "python" else 2
+    reports = launch(ws, f"launch_{launcher}", *recipe, "--policy.type=apt_pi0", "--policy.apt.stage=1", *TINY,
+                     "--save_checkpoint=false", steps=2, launcher=launcher, nproc=nproc)
+    assert [r["rank"] for r in reports] == list(range(nproc)) and reports[0]["world"] == nproc
+    assert reports[0]["zero_stage"] == 2 and len({r["checksum"] for r in reports}) == 1
 
 
 @needs_deepspeed

@@ -178,6 +178,17 @@ def run(cfg: Any, ds: DeepSpeedArgs) -> dict[str, Any]:
     cpu = not torch.cuda.is_available()
     if cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        # Started as plain `python -m ...`: one process. Without these DeepSpeed falls back to MPI
+        # discovery and fails with "No module named 'mpi4py'".
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     if not cpu:
