@@ -89,6 +89,40 @@ def test_apt_vl_features_and_masks_ignore_the_instruction(stage):
         assert ref.fusion_valid is not None and int(ref.fusion_valid.sum(dim=1)[0]) == 5 + 2
 
 
+@pytest.mark.parametrize("fusion_context", ["language", "all"])
+def test_stage2_language_features_continue_the_visible_pass(fusion_context):
+    """Stage 2 runs the language tokens as a KV-cache continuation of the visible pass (no second full
+    pass): the vision tower runs once, and the fusion features equal those of the stock full-prompt
+    pass up to rounding (a causal LM), with ragged instructions (padding in both passes)."""
+    from apt_plugins_lerobot_groot.modeling import language_tokens
+
+    policy = KIT.build(AptConfig(stage=2, fusion_context=fusion_context)).eval()
+    model = policy._groot_model
+    batch = model_batch(instruction=[[11, 12, 13, 14, 15, 16, 17], [21, 22]])
+    calls = []
+    handle = model.backbone.visual.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        ctx = _context(policy, batch)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    with torch.no_grad():
+        full = model.action_head.vlln(model.backbone({k: batch[k] for k in BACKBONE_KEYS})["backbone_features"])
+    valid = batch["attention_mask"] == 1
+    cfg = model.backbone.model.config
+    if fusion_context == "language":
+        expected = valid & language_tokens(batch["input_ids"], valid, cfg.image_token_id, cfg.vision_end_token_id)
+    else:  # visible tokens then language tokens: the prompt order
+        expected = valid
+    assert ctx.fusion_valid.sum(dim=1).tolist() == expected.sum(dim=1).tolist()
+    for b in range(valid.shape[0]):
+        got, want = ctx.fusion_features[b][ctx.fusion_valid[b]], full[b][expected[b]]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # Control: the instruction reaches these features.
+    other = _context(policy, model_batch(instruction=[[31, 32, 33, 34, 35, 36, 37], [41, 42]]))
+    assert not torch.allclose(other.fusion_features[ctx.fusion_valid], ctx.fusion_features[ctx.fusion_valid])
+
+
 def test_every_dit_cross_attention_row_has_a_valid_key_and_no_language():
     """Capture the masks each DiT block receives: text blocks read non-image visible tokens, image
     blocks the image tokens, every row has a key; the encoder tokens are the visible ones only."""

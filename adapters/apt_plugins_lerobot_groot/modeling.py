@@ -19,8 +19,12 @@ Where language reaches GR00T's action tokens, and what APT does about each path:
    kernel-dependent all-masked rows). Plain ``DiT`` (``use_alternate_vl_dit=False``) reads all
    visible tokens.
 4. **Stage 2.** After every DiT block a gated cross-attention (:class:`GrootFusionLayer`) reads the
-   language tokens (``fusion_context='language'``) or every VL token (``'all'``) of the *full*
-   backbone pass (the stock prompt, after ``vlln``). Its output projection is zero-initialised, so
+   language tokens (``fusion_context='language'``) or every VL token (``'all'``) of the stock
+   prompt (after ``vlln``). These are not a second full backbone pass: the visible pass (exactly the
+   Stage-1 one) runs with a KV cache, then only the language tokens run through the language model
+   against that cache, with the (m)RoPE position ids the full prompt gives them and a causal mask
+   over the valid visible and earlier language tokens. The vision tower runs once; a causal LM gives
+   the full-pass language features up to rounding. Its output projection is zero-initialised, so
    Stage 2 at step 0 is Stage 1 bit for bit. The inherited blocks keep the masks above unless
    ``inherited_layers_keep_language_mask=False``, which restores the stock paths exactly.
 
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from lerobot.policies.groot.action_head.cross_attention_dit import AlternateVLDiT
 from lerobot.policies.groot.groot_n1_7 import GR00TN17
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
 from transformers.feature_extraction_utils import BatchFeature
 
 from apt_plugins import AptConfig, AptConfigError, GatedCrossAttention, LanguageMaskError
@@ -193,11 +198,71 @@ class APTGR00TN17(GR00TN17):
         return self.__dict__["_apt_config"]
 
     # ------------------------------------------------------------------ VL side
-    def _apt_backbone(self, inputs: dict[str, Any]) -> Tensor:
+    def _apt_backbone_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.parameters())
+
+    def _apt_backbone(self, inputs: dict[str, Any], cache: DynamicCache | None = None) -> Tensor:
+        """The stock backbone forward; with ``cache`` the same computation, keeping the LM's keys/values."""
         backbone = self.backbone
-        trains = any(p.requires_grad for p in backbone.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
-            return backbone(BatchFeature(data=inputs))["backbone_features"]
+        with torch.set_grad_enabled(self._apt_backbone_grad()):
+            if cache is None:
+                return backbone(BatchFeature(data=inputs))["backbone_features"]
+            # ``Qwen3Backbone.forward`` op for op (the LM builds a DynamicCache of its own when
+            # ``use_cache`` is on, so passing one changes nothing but who holds it).
+            backbone.set_frozen_modules_to_eval_mode()
+            model_input = dict(inputs)
+            backbone._ensure_mm_token_type_ids(model_input)
+            backbone._ensure_legacy_qwen3_position_ids(model_input)
+            model_input["past_key_values"] = cache
+            return backbone._last_decoder_layer_output(model_input)
+
+    def _apt_can_continue(self) -> bool:
+        """Whether the language tokens can run as a KV-cache continuation of the visible pass.
+
+        Not under gradient checkpointing of a training LM (transformers drops the cache there) nor
+        without Qwen3-VL's ``compute_3d_position_ids``; the full prompt is run instead.
+        """
+        backbone = self.backbone
+        lm = backbone.language_model
+        qwen = getattr(backbone.model, "model", backbone.model)
+        if getattr(qwen, "compute_3d_position_ids", None) is None:
+            return False
+        return not (lm.training and any(getattr(layer, "gradient_checkpointing", False) for layer in lm.layers))
+
+    def _apt_language_continuation(self, base: dict[str, Any], language: Tensor, visible_valid: Tensor,
+                                   cache: DynamicCache) -> tuple[Tensor, Tensor]:
+        """Backbone features (select_layer, before the final norm) of the language tokens, compacted to
+        the left, computed against the visible pass's ``cache``; and their validity.
+
+        Position ids: those of the full prompt (``_ensure_legacy_qwen3_position_ids`` over the full
+        ``input_ids``, as the stock pass computes them), taken at the language tokens. Mask: a query
+        sees the valid visible tokens (``visible_valid``, the cache's columns) and the valid language
+        tokens up to itself (the cache offset makes the 2D mask causal over the language block).
+        """
+        backbone = self.backbone
+        lm = backbone.language_model
+        qwen = getattr(backbone.model, "model", backbone.model)
+        full = dict(base)
+        backbone._ensure_mm_token_type_ids(full)
+        backbone._ensure_legacy_qwen3_position_ids(full)
+        positions = full["position_ids"]  # (4, B, T): text row + t/h/w rows
+        index, keep = _split(language)
+        ids = torch.where(keep, _take(base["input_ids"], index), torch.zeros_like(index))
+        positions = positions.gather(2, index[None].expand(positions.shape[0], -1, -1).to(positions.device))
+        mask = torch.cat((visible_valid, keep), dim=1).long()
+        captured: dict[str, Tensor] = {}
+
+        def capture(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured["features"] = output if isinstance(output, Tensor) else output[0]
+
+        hook = lm.layers[-1].register_forward_hook(capture)
+        try:
+            with torch.set_grad_enabled(self._apt_backbone_grad()):
+                lm(input_ids=None, inputs_embeds=qwen.get_input_embeddings()(ids), attention_mask=mask,
+                   position_ids=positions, past_key_values=cache, use_cache=True)
+        finally:
+            hook.remove()
+        return captured["features"], keep
 
     def _apt_context(self, backbone_inputs: dict[str, Any]) -> VLContext:
         """Run the VL side once for this call (see the module docstring for the masking)."""
@@ -224,10 +289,21 @@ class APTGR00TN17(GR00TN17):
         # Invalid slots of the compacted batch must not hold image/video ids (the VLM counts them).
         fill = torch.zeros_like(ids[:, :1]).expand(-1, index.shape[1])
         compact = dict(base, input_ids=torch.where(keep, _take(ids, index), fill), attention_mask=keep.long())
-        visible = head.vlln(self._apt_backbone(compact))
+        continued = fusion is not None and self._apt_can_continue()
+        cache = DynamicCache(config=self.backbone.language_model.config) if continued else None
+        visible = head.vlln(self._apt_backbone(compact, cache=cache))
         features = _masked_self_attention(head.vl_self_attention, visible, keep)
         ctx = VLContext(features, keep, _take(image, index) & keep, masked=True)
-        if fusion is not None:
+        if continued:
+            types = {k: backbone_inputs[k] for k in ("mm_token_type_ids",) if k in backbone_inputs}
+            lang, lang_valid = self._apt_language_continuation(dict(base, **types), language, keep, cache)
+            lang = head.vlln(lang)
+            if only_language:
+                ctx.fusion_features, ctx.fusion_valid = lang, lang_valid
+            else:  # every VL token: the visible ones (this pass) and the language ones (order is immaterial)
+                ctx.fusion_features = torch.cat((visible, lang), dim=1)
+                ctx.fusion_valid = torch.cat((keep, lang_valid), dim=1)
+        elif fusion is not None:
             full = head.vlln(self._apt_backbone(base))
             ctx.fusion_features, ctx.fusion_valid = full, (valid & language) if only_language else valid
         return ctx
