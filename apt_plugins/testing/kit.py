@@ -47,3 +47,7 @@ class ConformanceKit(Protocol):
 
     def set_gradient_checkpointing(self, policy: Any, enabled: bool) -> None:
         """Turn the host's gradient checkpointing on or off."""
+
+    # Optional: ``error_cases() -> list[dict]`` with ``{"error": AptError subclass, "match": regex,
+    # "trigger": callable}`` entries for adapter-specific documented errors; the documented-errors
+    # check raises each one. Not part of the runtime-checkable protocol so kits may omit it.

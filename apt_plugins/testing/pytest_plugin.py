@@ -32,6 +32,9 @@ def _cases(config: Any) -> list[Any]:
     unknown = wanted - set(registry.names())
     if unknown:
         raise pytest.UsageError(f"--apt-adapter: unknown adapter(s) {sorted(unknown)}; known: {registry.names()}")
+    unknown_checks = checks - set(CHECKS)
+    if unknown_checks:
+        raise pytest.UsageError(f"--apt-check: unknown check(s) {sorted(unknown_checks)}; known: {sorted(CHECKS)}")
     params = []
     for adapter in registry:
         if wanted and adapter.name not in wanted:
