@@ -47,7 +47,10 @@ def _run(cmd: list[str], env: dict[str, str], log: Path, show: re.Pattern | None
         for line in proc.stdout:
             lines.append(line)
             if show is not None and show.search(line):
-                _say("    " + line.rstrip()[-160:])
+                text = line.rstrip()
+                if "step:" in text:  # drop the progress bar and logger prefix sharing the line
+                    text = text[text.index("step:"):]
+                _say("    " + text[-160:])
         code = proc.wait()
     log.write_text("".join(lines))
     if code != 0:
