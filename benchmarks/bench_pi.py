@@ -132,51 +132,18 @@ PRELOAD = [
 
 
 # --------------------------------------------------------------------------------------- models
-@contextlib.contextmanager
 def sized_pi_patches(s: dict[str, Any]):
     """Shrink LeRobot's pi0/pi0.5 classes at construction time to the sizes ``s``.
 
-    Same mechanism as ``apt_plugins_lerobot_pi.testing.tiny_pi_patches``, but with distinct VLM
-    (``gemma_2b`` variant) and expert (``gemma_300m`` variant) widths, and a sized SigLIP tower.
+    The adapter's own ``tiny_pi_patches``, with distinct VLM (``gemma_2b``) and expert (``gemma_300m``)
+    widths and a sized SigLIP tower.
     """
-    from unittest import mock
+    from apt_plugins_lerobot_pi.testing import tiny_pi_patches
 
-    from lerobot.policies.pi0 import modeling_pi0
-    from lerobot.policies.pi05 import modeling_pi05
-
-    def gemma_config(variant: str, mod: Any):
-        if variant == "gemma_2b":
-            width, mlp = s["vlm_width"], s["vlm_mlp"]
-        elif variant == "gemma_300m":
-            width, mlp = s["expert_width"], s["expert_mlp"]
-        else:
-            raise ValueError(f"unexpected gemma variant {variant!r}")
-        return mod.GemmaConfig(width=width, depth=s["depth"], mlp_dim=mlp, num_heads=8, num_kv_heads=1,
-                               head_dim=s["head_dim"])
-
-    def shrink(real_cls: type, vlm: bool):
-        def factory(config: Any, **kw: Any):
-            if vlm:
-                vc = config.vision_config
-                vc.hidden_size, vc.intermediate_size = s["vision_width"], s["vision_mlp"]
-                vc.num_hidden_layers, vc.num_attention_heads = s["vision_layers"], s["vision_heads"]
-                vc.patch_size = 14
-                vc.projection_dim = config.text_config.hidden_size
-                config.text_config.vocab_size = config._vocab_size = s["vocab"]
-            else:
-                config.vocab_size = s["vocab"]
-            return real_cls(config=config, **kw)
-
-        return factory
-
-    with contextlib.ExitStack() as stack:
-        for mod in (modeling_pi0, modeling_pi05):
-            stack.enter_context(mock.patch.object(mod, "get_gemma_config", lambda v, m=mod: gemma_config(v, m)))
-            stack.enter_context(mock.patch.object(
-                mod, "PaliGemmaForConditionalGenerationWithPiGemma",
-                shrink(mod.PaliGemmaForConditionalGenerationWithPiGemma, vlm=True)))
-            stack.enter_context(mock.patch.object(mod, "PiGemmaForCausalLM", shrink(mod.PiGemmaForCausalLM, vlm=False)))
-        yield
+    return tiny_pi_patches(width=s["vlm_width"], mlp_dim=s["vlm_mlp"], depth=s["depth"], head_dim=s["head_dim"],
+                           vision_width=s["vision_width"], vision_layers=s["vision_layers"],
+                           expert_width=s["expert_width"], expert_mlp=s["expert_mlp"], vision_mlp=s["vision_mlp"],
+                           vision_heads=s["vision_heads"], vocab=s["vocab"])
 
 
 def camera_keys(s: dict[str, Any]) -> list[str]:

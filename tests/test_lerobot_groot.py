@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import unit_stats, use_offline_hub
 import torch
 
 pytest.importorskip("diffusers")
@@ -201,21 +202,11 @@ def hub_cache(tmp_path_factory):
 
 @pytest.fixture
 def offline_hub(hub_cache, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    return hub_cache
+    return use_offline_hub(monkeypatch, hub_cache)
 
 
 def _stats():
-    def s(n):
-        return {"mean": torch.zeros(n), "std": torch.ones(n), "min": -torch.ones(n), "max": torch.ones(n),
-                "q01": -torch.ones(n), "q99": torch.ones(n)}
-
-    return {"observation.state": s(6), "action": s(6)}
+    return unit_stats(6)
 
 
 def test_stage1_through_the_real_groot_processor(offline_hub):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import unit_stats, use_offline_hub
 import torch
 
 from apt_plugins import AptConfig, AptConfigError, LanguageMaskError, get_plugin_manager, hookimpl
@@ -20,21 +21,11 @@ def hub_cache(tmp_path_factory):
 
 @pytest.fixture
 def offline_hub(hub_cache, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants as c
-
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub_cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    return hub_cache
+    return use_offline_hub(monkeypatch, hub_cache)
 
 
 def _stats():
-    def s(n):
-        return {"mean": torch.zeros(n), "std": torch.ones(n), "min": -torch.ones(n), "max": torch.ones(n),
-                "q01": -torch.ones(n), "q99": torch.ones(n), "q10": -torch.ones(n), "q90": torch.ones(n)}
-
-    return {"observation.state": s(6), "action": s(6)}
+    return unit_stats(6)
 
 
 def _raw(task, state=None):

@@ -54,6 +54,7 @@ class PrefixContext:
     offset: Tensor  # (B,) position of the first suffix token
     language: Tensor | None = None  # (B, L) valid hidden language tokens
     language_kv: list[tuple[Tensor, Tensor]] | None = None  # per VLM layer, (B, KV, L, head_dim)
+    fusion: tuple[list[tuple[Tensor, Tensor]], Tensor] | None = None  # built once, reused every denoising step
 
 
 def _take(x: Tensor, index: Tensor) -> Tensor:
@@ -259,7 +260,15 @@ class APTPiMixin:
         return self.action_out_proj(out)
 
     def _apt_fusion_context(self, prefix: PrefixContext):
-        """Per-layer keys/values the fusion layers read, and their validity (all VL tokens or language)."""
+        """Per-layer keys/values the fusion layers read, and their validity (all VL tokens or language).
+
+        Computed once per prefix: sampling evaluates the expert ``num_inference_steps`` times on it.
+        """
+        if prefix.fusion is None:
+            prefix.fusion = self._apt_build_fusion_context(prefix)
+        return prefix.fusion
+
+    def _apt_build_fusion_context(self, prefix: PrefixContext):
         only_language = self.apt_config.fusion_context == "language"
         if prefix.language_kv is None:  # language mask lifted: everything is in the visible pass
             valid = prefix.visible & prefix.visible_is_language if only_language else prefix.visible

@@ -27,25 +27,34 @@ TASK_MASK_KEY = "observation.language.task_mask"
 
 @contextlib.contextmanager
 def tiny_pi_patches(width: int = 64, depth: int = 2, mlp_dim: int = 128, head_dim: int = 8,
-                    vision_width: int = 32, vision_layers: int = 1):
-    """Shrink LeRobot's pi0/pi0.5 at construction time (8 heads: LeRobot hard-codes them)."""
+                    vision_width: int = 32, vision_layers: int = 1, *, expert_width: int | None = None,
+                    expert_mlp: int | None = None, vision_mlp: int | None = None, vision_heads: int = 2,
+                    vocab: int = TINY_VOCAB):
+    """Shrink LeRobot's pi0/pi0.5 at construction time (8 heads: LeRobot hard-codes them).
+
+    ``width``/``mlp_dim`` size the VLM (LeRobot's ``gemma_2b`` variant); ``expert_width``/``expert_mlp``
+    the action expert (``gemma_300m``), by default the same. Depth and head_dim are shared, as LeRobot
+    requires. The benchmarks use the keyword sizes; tests use the defaults.
+    """
     from lerobot.policies.pi0 import modeling_pi0
     from lerobot.policies.pi05 import modeling_pi05
 
     def gemma_config(variant: str, mod: Any = modeling_pi0):
-        return mod.GemmaConfig(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=8, num_kv_heads=1,
-                               head_dim=head_dim)
+        expert = variant == "gemma_300m"
+        return mod.GemmaConfig(width=(expert_width or width) if expert else width, depth=depth,
+                               mlp_dim=(expert_mlp or mlp_dim) if expert else mlp_dim, num_heads=8,
+                               num_kv_heads=1, head_dim=head_dim)
 
     def shrink(real_cls: type, vlm: bool):
         def factory(config: Any, **kw: Any):
             if vlm:
                 vc = config.vision_config
-                vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers = vision_width, 2 * vision_width, vision_layers
-                vc.num_attention_heads, vc.patch_size = 2, 14
+                vc.hidden_size, vc.intermediate_size = vision_width, vision_mlp or 2 * vision_width
+                vc.num_hidden_layers, vc.num_attention_heads, vc.patch_size = vision_layers, vision_heads, 14
                 vc.projection_dim = config.text_config.hidden_size
-                config.text_config.vocab_size = config._vocab_size = TINY_VOCAB
+                config.text_config.vocab_size = config._vocab_size = vocab
             else:
-                config.vocab_size = TINY_VOCAB
+                config.vocab_size = vocab
             return real_cls(config=config, **kw)
 
         return factory
