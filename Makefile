@@ -10,8 +10,10 @@ env:
 demo: env
 	.venv/bin/apt-plugins demo
 
+# Two workers (CI has 2 cores); a test module stays on one worker so its module-scoped fixtures
+# (trained checkpoints) are built once, and one torch thread per worker avoids oversubscription.
 test: env
-	.venv/bin/python -m pytest
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -n 2 --dist loadfile
 
 bench: env
 	.venv/bin/python benchmarks/bench_pi.py
