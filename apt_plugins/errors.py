@@ -18,6 +18,8 @@ __all__ = [
     "HostVersionError",
     "CheckpointMismatchError",
     "LanguageMaskError",
+    "NoLanguageInputError",
+    "InstructionNotDeliveredError",
 ]
 
 
@@ -142,6 +144,40 @@ class CheckpointMismatchError(AptError):
 
 class LanguageMaskError(AptError):
     """The language mask APT needs cannot be built from the inputs given."""
+
+
+class NoLanguageInputError(AptError):
+    """A policy cannot take an instruction: its pre-processor turns no instruction into model inputs.
+
+    :param policy: the policy type or checkpoint.
+    :param detail: what was tried (the instructions and the batch keys that stayed the same).
+    """
+
+    def __init__(self, policy: str, detail: str):
+        self.policy = policy
+        super().__init__(
+            f"policy {policy} takes no instruction: {detail} Evaluate a language-conditioned policy "
+            "(pi0, pi05, smolvla, groot or an apt_* type); for a policy without language input an "
+            "instruction-following score has no meaning."
+        )
+
+
+class InstructionNotDeliveredError(AptError):
+    """A changed instruction did not reach the policy: the tokens it saw equal the original's.
+
+    :param variant: the instruction variant (``task_swap``, ``paraphrase``, ...).
+    :param original: the original instruction.
+    :param changed: the changed instruction that should have produced other tokens.
+    :param where: where the tokens were read (frame, episode step).
+    :param fix: the likely cause and fix.
+    """
+
+    def __init__(self, variant: str, original: str, changed: str, where: str, fix: str):
+        self.variant, self.original, self.changed = variant, original, changed
+        super().__init__(
+            f"instruction variant {variant!r} ({where}): the policy saw the same tokens for {changed!r} as for "
+            f"the original {original!r}, so the changed instruction never reached it. {fix}"
+        )
 
 
 def group_keys(keys: Iterable[str], depth: int = 4) -> list[tuple[str, int, str]]:
