@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from apt_plugins import AptConfig
+from apt_plugins.testing import LeRobotConformanceKit
 
 # Token ids of the tiny backbone and of the tiny Cosmos-Reason2 tokenizer (they must agree).
 VOCAB = 512
@@ -182,57 +183,30 @@ def probe_batch(policy: Any, variant: str = "original", seed: int = 0, batch_siz
     return batch
 
 
-class GrootConformanceKit:
-    """Builds tiny real ``GrootPolicy``/``APTGrootPolicy`` instances and model-ready batches."""
+class GrootConformanceKit(LeRobotConformanceKit):
+    """Builds tiny real ``GrootPolicy``/``APTGrootPolicy`` instances and model-ready batches.
 
-    batch_size = 2
+    Everything but the batches, the probes, gradient checkpointing and the adapter's error cases
+    comes from :class:`~apt_plugins.testing.LeRobotConformanceKit`.
+    """
+
     prompt_len = 20
+    non_observation_keys = ("action", "action_mask")
+    stock_config = "lerobot.policies.groot.configuration_groot:GrootConfig"
+    stock_policy = "lerobot.policies.groot.modeling_groot:GrootPolicy"
+    apt_config = "apt_plugins_lerobot_groot.configuration_apt_groot:APTGrootConfig"
+    apt_policy = "apt_plugins_lerobot_groot.modeling_apt_groot:APTGrootPolicy"
+    tiny_fields = TINY_FIELDS
 
     def __init__(self, adapter_name: str = "lerobot_groot"):
-        self.adapter_name = adapter_name
+        super().__init__(adapter_name)
 
-    # ------------------------------------------------------------------ policies
-    def stage_configs(self) -> dict[str, AptConfig]:
-        """The configurations every check runs on."""
-        return {
-            "stage1": AptConfig(stage=1),
-            "stage2_frozen": AptConfig(stage=2),
-            "stage2_lora": AptConfig(stage=2, vlm_mode="lora", lora_rank=4, lora_alpha=8),
-            "stage2_full": AptConfig(stage=2, vlm_mode="full"),
-        }
+    def features(self) -> tuple[dict, dict]:
+        return tiny_features()
 
     def policy_config(self, apt: AptConfig | None, **overrides: Any):
-        """The host config (stock ``GrootConfig`` when ``apt`` is None, else ``APTGrootConfig``) at tiny size."""
-        from lerobot.policies.groot.configuration_groot import GrootConfig
-
-        from .configuration_apt_groot import APTGrootConfig
-
-        inputs, outputs = tiny_features()
-        fields = {**TINY_FIELDS, "base_model_path": str(tiny_base_model()), "input_features": inputs,
-                  "output_features": outputs, **overrides}
-        if apt is None:
-            return GrootConfig(**fields)
-        return APTGrootConfig(**fields, apt=apt.to_settings())
-
-    def build(self, apt: AptConfig | None, seed: int = 0, **overrides: Any):
-        """A fresh tiny policy: stock ``GrootPolicy`` when ``apt`` is None."""
-        from lerobot.policies.groot.modeling_groot import GrootPolicy
-
-        from .modeling_apt_groot import APTGrootPolicy
-
-        config = self.policy_config(apt, **overrides)
-        torch.manual_seed(seed)
-        policy = (GrootPolicy if apt is None else APTGrootPolicy)(config)
-        return policy.train()
-
-    def save(self, policy: Any, path: Path) -> None:
-        policy.save_pretrained(path)
-
-    def load(self, path: Path, apt: AptConfig, **kwargs: Any):
-        """Load a checkpoint into an APT policy configured with ``apt`` (promotion when 1 -> 2)."""
-        from .modeling_apt_groot import APTGrootPolicy
-
-        return APTGrootPolicy.from_pretrained(path, config=self.policy_config(apt), **kwargs)
+        """The tiny host config, its backbone the process-wide tiny GR00T directory."""
+        return super().policy_config(apt, **{"base_model_path": str(tiny_base_model()), **overrides})
 
     # ------------------------------------------------------------------ batches
     def make_batch(self, instruction: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -247,30 +221,6 @@ class GrootConformanceKit:
         image = dict(batch, pixel_values=-batch["pixel_values"])
         state = dict(batch, state=-batch["state"])
         return {"image": image, "state": state}
-
-    # ------------------------------------------------------------------ evaluation
-    def loss(self, policy: Any, batch: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
-        """Training loss with state dropout, noise and time fixed by ``seed``."""
-        torch.manual_seed(seed)
-        loss, _ = policy.forward(batch)
-        return loss
-
-    def actions(self, policy: Any, batch: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
-        """``predict_action_chunk`` with the sampling noise fixed by ``seed``."""
-        obs = {k: v for k, v in batch.items() if k not in ("action", "action_mask")}
-        torch.manual_seed(seed)
-        policy.reset()
-        return policy.predict_action_chunk(obs)
-
-    def perturb_fusion(self, policy: Any, seed: int = 0) -> None:
-        """Open the fusion layers (random output projections) so their effect can be observed."""
-        from .modeling import fusion_layers
-
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for layer in fusion_layers(policy._groot_model):
-                w = layer.attn.o_proj.weight
-                w.copy_(torch.randn(w.shape, generator=g) * 0.5)
 
     def set_gradient_checkpointing(self, policy: Any, enabled: bool) -> None:
         # LeRobot's DiT has the flag but never reads it; the APT DiT loop checkpoints per block.

@@ -16,7 +16,7 @@ from unittest import mock
 
 import torch
 
-from apt_plugins import AptConfig
+from apt_plugins.testing import LeRobotConformanceKit
 
 TINY_VOCAB = 1024
 IMAGE_KEY = "observation.images.top"
@@ -114,69 +114,31 @@ TINY_FIELDS = dict(device="cpu", chunk_size=4, n_action_steps=4, max_state_dim=8
                    num_inference_steps=2, image_resolution=(28, 28))
 
 
-class PiConformanceKit:
-    """Builds tiny real pi0 (``lerobot_pi0``) or pi0.5 (``lerobot_pi05``) policies and batches."""
+class PiConformanceKit(LeRobotConformanceKit):
+    """Builds tiny real pi0 (``lerobot_pi0``) or pi0.5 (``lerobot_pi05``) policies and batches.
 
-    batch_size = 2
+    Everything but the batches, the probes and gradient checkpointing comes from
+    :class:`~apt_plugins.testing.LeRobotConformanceKit`.
+    """
+
     prompt_len = 8
+    tiny_fields = TINY_FIELDS
 
     def __init__(self, adapter_name: str):
-        self.adapter_name = adapter_name
+        super().__init__(adapter_name)
         self.is_pi05 = adapter_name == "lerobot_pi05"
+        kind = "pi05" if self.is_pi05 else "pi0"
+        host = "PI05" if self.is_pi05 else "PI0"
+        self.stock_config = f"lerobot.policies.{kind}.configuration_{kind}:{host}Config"
+        self.stock_policy = f"lerobot.policies.{kind}.modeling_{kind}:{host}Policy"
+        self.apt_config = f"apt_plugins_lerobot_pi.configuration_apt_{kind}:APT{host}Config"
+        self.apt_policy = f"apt_plugins_lerobot_pi.modeling_apt_{kind}:APT{host}Policy"
 
-    # ------------------------------------------------------------------ policies
-    def stage_configs(self) -> dict[str, AptConfig]:
-        """The configurations every check runs on."""
-        return {
-            "stage1": AptConfig(stage=1),
-            "stage2_frozen": AptConfig(stage=2),
-            "stage2_lora": AptConfig(stage=2, vlm_mode="lora", lora_rank=4, lora_alpha=8),
-            "stage2_full": AptConfig(stage=2, vlm_mode="full"),
-        }
+    def features(self) -> tuple[dict, dict]:
+        return tiny_features()
 
-    def _classes(self):
-        if self.is_pi05:
-            from lerobot.policies.pi05.configuration_pi05 import PI05Config
-            from lerobot.policies.pi05.modeling_pi05 import PI05Policy
-
-            from .configuration_apt_pi05 import APTPI05Config
-            from .modeling_apt_pi05 import APTPI05Policy
-
-            return PI05Config, PI05Policy, APTPI05Config, APTPI05Policy
-        from lerobot.policies.pi0.configuration_pi0 import PI0Config
-        from lerobot.policies.pi0.modeling_pi0 import PI0Policy
-
-        from .configuration_apt_pi0 import APTPI0Config
-        from .modeling_apt_pi0 import APTPI0Policy
-
-        return PI0Config, PI0Policy, APTPI0Config, APTPI0Policy
-
-    def policy_config(self, apt: AptConfig | None, **overrides: Any):
-        """The host config (stock when ``apt`` is None, else the APT type) at tiny size."""
-        stock_cfg, _, apt_cfg, _ = self._classes()
-        inputs, outputs = tiny_features()
-        fields = {**TINY_FIELDS, "input_features": inputs, "output_features": outputs, **overrides}
-        if apt is None:
-            return stock_cfg(**fields)
-        return apt_cfg(**fields, apt=apt.to_settings())
-
-    def build(self, apt: AptConfig | None, seed: int = 0, **overrides: Any):
-        """A fresh tiny policy: stock ``PI0Policy``/``PI05Policy`` when ``apt`` is None."""
-        _, stock_policy, _, apt_policy = self._classes()
-        config = self.policy_config(apt, **overrides)
-        torch.manual_seed(seed)
-        with tiny_pi_patches():
-            policy = (stock_policy if apt is None else apt_policy)(config)
-        return policy.train()
-
-    def save(self, policy: Any, path: Path) -> None:
-        policy.save_pretrained(path)
-
-    def load(self, path: Path, apt: AptConfig, **kwargs: Any):
-        """Load a checkpoint into an APT policy configured with ``apt`` (promotion when 1 -> 2)."""
-        _, _, _, apt_policy = self._classes()
-        with tiny_pi_patches():
-            return apt_policy.from_pretrained(path, config=self.policy_config(apt), **kwargs)
+    def construction(self):
+        return tiny_pi_patches()
 
     # ------------------------------------------------------------------ batches
     def make_batch(self, instruction: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -221,29 +183,6 @@ class PiConformanceKit:
             state["observation.state"] = -batch["observation.state"]
         probes["state"] = state
         return probes
-
-    # ------------------------------------------------------------------ evaluation
-    def loss(self, policy: Any, batch: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
-        """Training loss with noise and time fixed by ``seed``."""
-        torch.manual_seed(seed)
-        loss, _ = policy.forward(batch)
-        return loss
-
-    def actions(self, policy: Any, batch: dict[str, torch.Tensor], seed: int = 0) -> torch.Tensor:
-        """``predict_action_chunk`` with the sampling noise fixed by ``seed``."""
-        obs = {k: v for k, v in batch.items() if k != "action"}
-        torch.manual_seed(seed)
-        policy.reset()
-        return policy.predict_action_chunk(obs)
-
-    def perturb_fusion(self, policy: Any, seed: int = 0) -> None:
-        """Open the fusion layers (random output projections) so their effect can be observed."""
-        from .modeling import fusion_layers
-
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for layer in fusion_layers(policy.model):
-                layer.o_proj.weight.copy_(torch.randn(layer.o_proj.weight.shape, generator=g) * 0.5)
 
     def set_gradient_checkpointing(self, policy: Any, enabled: bool) -> None:
         if enabled:

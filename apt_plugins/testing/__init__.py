@@ -9,9 +9,15 @@ plugin: ``pytest --apt-adapter=<name>`` over a module containing::
 
     class TestMyAdapter(AdapterConformance):
         pass
+
+A kit usually subclasses :class:`ConformanceKitBase` (any host) or :class:`LeRobotConformanceKit`
+(LeRobot hosts), which supply the seeded ``loss``/``actions``, ``perturb_fusion``, ``save`` and the
+standard stage configurations (:func:`standard_stage_configs`).
 """
 
+from .base import ConformanceKitBase, LeRobotConformanceKit, standard_stage_configs
 from .conformance import CHECKS, AdapterConformance
 from .kit import ConformanceKit
 
-__all__ = ["AdapterConformance", "CHECKS", "ConformanceKit"]
+__all__ = ["AdapterConformance", "CHECKS", "ConformanceKit", "ConformanceKitBase", "LeRobotConformanceKit",
+           "standard_stage_configs"]
