@@ -28,8 +28,10 @@ from .errors import (
     AptError,
     CheckpointMismatchError,
     HostVersionError,
+    IncompleteCheckpointError,
     LanguageMaskError,
     NoAdapterFoundError,
+    PluginHookError,
     UnknownAdapterError,
 )
 from .hookspecs import hookimpl
@@ -48,9 +50,11 @@ __all__ = [
     "GROUPS",
     "GatedCrossAttention",
     "HostVersionError",
+    "IncompleteCheckpointError",
     "LanguageMaskError",
     "LoadReport",
     "NoAdapterFoundError",
+    "PluginHookError",
     "RMSNorm",
     "SigmoidGate",
     "StageReport",

@@ -22,6 +22,7 @@ __all__ = [
     "load_state_dict_strict",
     "read_manifest",
     "write_manifest",
+    "check_manifest_against_weights",
     "fingerprint",
     "tensor_fingerprint",
 ]
@@ -102,6 +103,11 @@ def load_state_dict_strict(
         if tuple(value.shape) != tuple(tensor.shape):
             mismatched.append(f"{name} (checkpoint {tuple(value.shape)} vs model {tuple(tensor.shape)})")
             continue
+        if _dtype_kind(value.dtype) != _dtype_kind(tensor.dtype):
+            # A float precision change is a cast LeRobot itself makes (fp32 master weights into a bf16
+            # policy); a float tensor stored as integers (or the reverse) is a corrupt or foreign file.
+            mismatched.append(f"{name} (checkpoint dtype {value.dtype} vs model {tensor.dtype})")
+            continue
         mapped[name] = value
     unexpected = sorted(set(state_dict) - used)
     if missing or unexpected or mismatched:
@@ -119,21 +125,70 @@ def load_state_dict_strict(
     return LoadReport(source=source, loaded=sorted(mapped), fresh=sorted(fresh))
 
 
+def _dtype_kind(dtype: Any) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if str(dtype) == "torch.bool" else "integer"
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
-    """The APT manifest of a checkpoint directory, or None for a plain host checkpoint."""
+    """The APT manifest of a checkpoint directory, or None for a plain host checkpoint.
+
+    :raises CheckpointMismatchError: the manifest is not a JSON object.
+    """
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointMismatchError(str(directory), cause=f"{MANIFEST_NAME} is corrupt ({exc}). Restore it from "
+                                      "the run that wrote the checkpoint, or save the checkpoint again.") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointMismatchError(str(directory), cause=f"{MANIFEST_NAME} is not a JSON object.")
+    return manifest
 
 
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
-    """Write ``apt_manifest.json`` atomically (write to a temp file, then rename)."""
+    """Write ``apt_manifest.json`` atomically (write to a temp file, fsync, then rename)."""
+    import os
+
     path = Path(directory) / MANIFEST_NAME
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     tmp.replace(path)
     return path
+
+
+def check_manifest_against_weights(manifest: dict[str, Any], state_dict: dict[str, Any], source: str) -> None:
+    """Refuse weights whose APT tensors (names, shapes) disagree with their manifest.
+
+    The manifest is written from the very state dict that is saved, so a disagreement means one of
+    the two files was replaced, renamed into or edited after the save.
+
+    :raises CheckpointMismatchError: naming the tensors that disagree.
+    """
+    declared = manifest.get("apt_tensors")
+    if not isinstance(declared, dict):
+        raise CheckpointMismatchError(source, cause=f"{MANIFEST_NAME} has no 'apt_tensors' table; it was not "
+                                      "written by apt-plugins or is damaged.")
+    present = {k: list(v.shape) for k, v in state_dict.items() if ".apt_" in k}
+    missing = sorted(k for k in declared if k not in present)
+    unexpected = sorted(k for k in present if k not in declared)
+    reshaped = sorted(f"{k} (manifest {tuple(declared[k])} vs file {tuple(present[k])})"
+                      for k in declared if k in present and list(declared[k]) != present[k])
+    if missing or unexpected or reshaped:
+        raise CheckpointMismatchError(
+            source, missing, unexpected,
+            cause=f"{MANIFEST_NAME} (stage {manifest.get('stage')}) disagrees with model.safetensors: one of them "
+            "was replaced or edited after the save. Use the pair written together (save the checkpoint again).",
+            mismatched=reshaped,
+        )
 
 
 def tensor_fingerprint(tensor: Any) -> str:

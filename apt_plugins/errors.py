@@ -17,9 +17,12 @@ __all__ = [
     "NoAdapterFoundError",
     "HostVersionError",
     "CheckpointMismatchError",
+    "IncompleteCheckpointError",
     "LanguageMaskError",
+    "PrefixCacheError",
     "NoLanguageInputError",
     "InstructionNotDeliveredError",
+    "PluginHookError",
 ]
 
 
@@ -142,8 +145,51 @@ class CheckpointMismatchError(AptError):
         super().__init__("\n".join(lines))
 
 
+class IncompleteCheckpointError(CheckpointMismatchError):
+    """A checkpoint directory was left by a write that did not finish (a killed save).
+
+    A :class:`CheckpointMismatchError`, so code that catches that catches this too.
+
+    :param source: the checkpoint path.
+    :param cause: how the interruption was recognised, and what to use instead.
+    """
+
+    def __init__(self, source: str, cause: str):
+        super().__init__(source, cause=cause)
+        self.args = (f"checkpoint {self.source} is incomplete; nothing was loaded. {cause}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class PluginHookError(AdapterError):
+    """A plugin's hook implementation raised, or returned a value of the wrong type.
+
+    :param plugin: the plugin name (as in ``apt-plugins list``).
+    :param hook: the hook name.
+    :param problem: what went wrong.
+    """
+
+    def __init__(self, plugin: str, hook: str, problem: str):
+        self.plugin = plugin
+        self.hook = hook
+        super().__init__(
+            f"plugin {plugin!r} failed in hook {hook}: {problem}. Fix or update the plugin, or skip it with "
+            f"APT_PLUGINS_BLOCK={plugin}."
+        )
+
+
 class LanguageMaskError(AptError):
     """The language mask APT needs cannot be built from the inputs given."""
+
+
+class PrefixCacheError(AptError):
+    """The prefix cache (``apt.prefix_cache``) cannot give the result it promises for these inputs.
+
+    Raised when a frame comes back with different images than when it was cached (image augmentation
+    is on, or the dataset changed), when the VLM is not frozen, or when a stored value does not fit
+    the storage dtype. Nothing is cached or returned for the failing batch.
+    """
 
 
 class NoLanguageInputError(AptError):

@@ -22,6 +22,7 @@ import pluggy
 
 from . import defaults, hookspecs
 from .adapter import Adapter
+from .errors import AdapterError
 from .registry import AdapterRegistry
 
 __all__ = [
@@ -68,7 +69,13 @@ class PluginManager:
 
     # --------------------------------------------------------------------------- loading
     def _load_entry_points(self) -> None:
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        def order(ep: Any) -> tuple[bool, str]:
+            # apt-plugins' own adapters first: a third-party plugin sorting earlier must not be able
+            # to take an in-tree adapter's name (it gets the duplicate-name error instead).
+            dist = getattr(ep, "dist", None)
+            return (getattr(dist, "name", None) != "apt-plugins", ep.name)
+
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=order):
             if ep.name in self.plugins:
                 continue
             dist = getattr(ep, "dist", None)
@@ -78,7 +85,8 @@ class PluginManager:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken plugin must not break the others
+            # SystemExit too: a plugin calling sys.exit() at import must not end `apt-plugins list`.
+            except (Exception, SystemExit) as exc:  # a broken plugin must not break the others
                 self.plugins[ep.name] = PluginInfo(ep.name, source, error=f"import failed: {_describe(exc)}")
                 continue
             self.register_plugin(plugin, name=ep.name, source=source)
@@ -93,8 +101,6 @@ class PluginManager:
             self.plugins[name] = PluginInfo(name, source, blocked=True)
             return None
         if name in self.plugins or self.pm.get_plugin(name) is not None:
-            from .errors import AdapterError
-
             # Never replace the record (and adapters) of the plugin that holds the name already.
             raise AdapterError(f"a plugin named {name!r} is already registered ({self.plugins[name].source}); "
                                "choose another plugin name.")
@@ -112,16 +118,23 @@ class PluginManager:
             return name
         self.plugins[name] = info
         info.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+        _guard_hookimpls(self.pm, plugin, name)
         impl = next((i for i in self.pm.hook.apt_register_adapters.get_hookimpls() if i.plugin_name == name), None)
         if impl is not None:
 
             def register(adapter: type[Adapter] | Adapter) -> None:
-                info.adapters.append(self.registry.register(adapter, plugin=name).name)
+                # One invalid adapter is recorded and skipped; the plugin's other adapters still register.
+                try:
+                    info.adapters.append(self.registry.register(adapter, plugin=name).name)
+                except AdapterError as exc:
+                    problem = f"apt_register_adapters failed: {_describe(exc)}"
+                    info.error = f"{info.error}; {problem}" if info.error else problem
 
             try:
                 impl.function(register=register)
-            except Exception as exc:
-                info.error = f"apt_register_adapters failed: {_describe(exc)}"
+            except (Exception, SystemExit) as exc:
+                failure = f"apt_register_adapters failed: {_describe(exc)}"
+                info.error = f"{info.error}; {failure}" if info.error else failure
         return name
 
     def unregister_plugin(self, name: str) -> None:
@@ -152,6 +165,55 @@ class PluginManager:
     def hook(self) -> Any:
         """The raw pluggy hook relay, for the few places that broadcast events."""
         return self.pm.hook
+
+
+def _check_adapter(value: Any) -> str | None:
+    return None if value is None or isinstance(value, Adapter) else "an Adapter instance or None"
+
+
+def _check_param_groups(value: Any) -> str | None:
+    ok = value is None or (isinstance(value, list) and all(isinstance(g, dict) and "params" in g for g in value))
+    return None if ok else "None or a list of dicts, each with a 'params' key"
+
+
+# What the firstresult hooks must return: the first non-None result is used as is, so a wrong
+# type would otherwise surface far away (inside the optimizer or the policy) without the plugin's name.
+_RESULT_CHECKS = {"apt_select_adapter": _check_adapter, "apt_param_groups": _check_param_groups}
+
+
+def _guard_hookimpls(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    """Make each hook implementation of ``plugin`` name the plugin when it raises or returns a wrong type.
+
+    AptErrors pass through unchanged: raising one is how a hook refuses a setting, and its message
+    already says what and how to fix. Any other exception becomes :class:`PluginHookError`.
+    """
+    from .errors import AptError, PluginHookError
+
+    for caller in pm.get_hookcallers(plugin) or []:
+        if caller.name == "apt_register_adapters":  # its failures are recorded at registration
+            continue
+        check = _RESULT_CHECKS.get(caller.name)
+        for impl in caller.get_hookimpls():
+            if impl.plugin_name != name or impl.hookwrapper or impl.wrapper:
+                continue
+            impl.function = _guarded(impl.function, name, caller.name, check, AptError, PluginHookError)
+
+
+def _guarded(function: Any, plugin: str, hook: str, check: Any, passthrough: type, error: type) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = function(*args, **kwargs)
+        except passthrough:
+            raise
+        except Exception as exc:
+            raise error(plugin, hook, f"raised {_describe(exc)}") from exc
+        problem = check(result) if check else None
+        if problem:
+            raise error(plugin, hook, f"returned {type(result).__name__} {result!r:.80}, expected {problem}")
+        return result
+
+    call.__wrapped__ = function
+    return call
 
 
 def _describe(exc: BaseException) -> str:

@@ -138,24 +138,62 @@ def _full_state_dict(engine: Any, policy: Any, zero_stage: int) -> dict[str, Any
 
 
 def _save(engine: Any, policy: Any, cfg: Any, step: int, zero_stage: int, pre: Any, post: Any) -> Path:
-    import deepspeed.comm as dist
-    from lerobot.common.train_utils import get_step_checkpoint_dir, update_last_checkpoint
+    """Write the step checkpoint all or nothing, then point ``checkpoints/last`` at it.
 
+    Every rank writes into one temporary sibling of the step directory (its name is chosen by rank 0
+    and broadcast); after a barrier rank 0 fsyncs it, renames it into place and swaps the ``last``
+    symlink with an atomic rename. A kill at any moment leaves the step directory absent or complete,
+    and ``last`` pointing at a complete checkpoint.
+    """
+    import deepspeed.comm as dist
+    from lerobot.common.train_utils import get_step_checkpoint_dir
+    from lerobot.utils.random_utils import save_rng_state
+
+    from ..atomic import temporary_name, fsync_directory, fsync_tree, remove_stale_temporaries
+
+    rank = dist.get_rank()
     checkpoint_dir = get_step_checkpoint_dir(cfg.output_dir, cfg.steps, step)
+    name = [None]
+    if rank == 0:
+        checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(checkpoint_dir.parent)
+        name = [str(temporary_name(checkpoint_dir))]
+    dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
     state = _full_state_dict(engine, policy, zero_stage)
     # Optimizer/scheduler/module partitions of every rank: collective.
-    engine.save_checkpoint(str(checkpoint_dir / "training_state" / "deepspeed"), tag="state",
-                           client_state={"step": step})
-    if dist.get_rank() == 0:
-        pretrained = checkpoint_dir / "pretrained_model"
+    engine.save_checkpoint(str(tmp / "training_state" / "deepspeed"), tag="state", client_state={"step": step})
+    # Each rank's RNG (LeRobot's format, no pickle): the flow noise after a resume is the noise the
+    # uninterrupted run would have drawn.
+    rng_dir = tmp / "training_state" / "rng" / f"rank{rank}"
+    rng_dir.mkdir(parents=True, exist_ok=True)
+    save_rng_state(rng_dir)
+    if rank == 0:
+        pretrained = tmp / "pretrained_model"
         policy.save_pretrained(pretrained, state_dict=state)
         cfg.save_pretrained(pretrained)
         if pre is not None:
             pre.save_pretrained(pretrained)
         if post is not None:
             post.save_pretrained(pretrained)
-        (checkpoint_dir / "training_state" / "training_step.json").write_text(json.dumps({"step": step}))
-        update_last_checkpoint(checkpoint_dir)
+        (tmp / "training_state" / "training_step.json").write_text(json.dumps({"step": step}))
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        fsync_tree(tmp)
+        old = None
+        if checkpoint_dir.exists():  # the same step written again by a run resumed from an earlier step
+            old = temporary_name(checkpoint_dir)
+            os.rename(checkpoint_dir, old)
+        os.rename(tmp, checkpoint_dir)
+        fsync_directory(checkpoint_dir.parent)
+        link = temporary_name(checkpoint_dir.parent / "last")
+        link.symlink_to(checkpoint_dir.name)
+        os.replace(link, checkpoint_dir.parent / "last")
+        fsync_directory(checkpoint_dir.parent)
+        if old is not None:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint step %d: %s", step, checkpoint_dir)
     dist.barrier()
     return checkpoint_dir
@@ -250,6 +288,17 @@ def run(cfg: Any, ds: DeepSpeedArgs) -> dict[str, Any]:
     iterator = iter(loader)
     for _ in range(start % max(1, len(loader))):  # resume the data order
         next(iterator)
+    if cfg.resume:
+        # Restored only now: iter(loader) above drew from the global RNG, which the uninterrupted run
+        # did at the start of the epoch, not at this step.
+        rng_dir = Path(cfg.checkpoint_path) / "training_state" / "rng" / f"rank{rank}"
+        if (rng_dir / "rng_state.safetensors").is_file():
+            from lerobot.utils.random_utils import load_rng_state
+
+            load_rng_state(rng_dir)
+        else:
+            logger.warning("no RNG state for rank %d in %s (written by an older version): the run resumes, "
+                           "but its flow noise differs from an uninterrupted run", rank, cfg.checkpoint_path)
     report: dict[str, Any] = {"rank": rank, "world": world, "zero_stage": zero_stage, "losses": [],
                               "trainable_elements": trainable}
     engine.train()

@@ -9,6 +9,7 @@ statistics in every training-log line, and the optional frozen-weight proof (``a
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from apt_plugins import (
     AptConfig,
     AptError,
     CheckpointMismatchError,
+    IncompleteCheckpointError,
     apt_state,
     explain_mismatch,
     fingerprint,
@@ -31,6 +33,9 @@ from apt_plugins import (
     read_manifest,
     write_manifest,
 )
+from apt_plugins.checkpoint import check_manifest_against_weights
+
+from .processors import restore_pretrained_path, use_apt_processors
 
 logger = logging.getLogger("apt_plugins")
 
@@ -65,6 +70,7 @@ class AptPolicyMixin:
 
     # ------------------------------------------------------------------ LeRobot API
     def forward(self, batch: dict[str, Any], *args: Any, **kwargs: Any):
+        restore_pretrained_path(self)  # the processors exist by the first step
         if self.apt_config.check_frozen and self._apt_frozen_fingerprints is None and self.training:
             self._apt_frozen_fingerprints = fingerprint(self, frozen_only=True)
             logger.info("APT check_frozen: fingerprinted %d frozen tensors", len(self._apt_frozen_fingerprints))
@@ -81,6 +87,7 @@ class AptPolicyMixin:
 
     def get_optim_params(self) -> list[dict[str, Any]]:
         """Trainable parameters only, in the adapter's named groups (own lr, no decay on gates/norms)."""
+        restore_pretrained_path(self)  # LeRobot builds the optimizer right after the processors
         return param_groups(self, self.config.optimizer_lr, self.config.optimizer_weight_decay)
 
     def update(self) -> dict[str, float]:
@@ -117,13 +124,20 @@ class AptPolicyMixin:
 
     # ------------------------------------------------------------------ checkpoints
     def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Any] | None = None) -> None:
+        from apt_plugins.atomic import atomic_directory, atomic_files
+
         checked = self.verify_frozen(state_dict) if self.apt_config.check_frozen else 0
-        super()._save_pretrained(save_directory, state_dict=state_dict)
         manifest = self.apt_manifest(state_dict)
         if checked:
             manifest["frozen_check"] = {"tensors": checked, "unchanged": True}
             logger.info("APT check_frozen: %d frozen tensors unchanged at this checkpoint", checked)
-        write_manifest(save_directory, manifest)
+        save_directory = Path(save_directory)
+        # All or nothing (apt_plugins.atomic): a fresh directory is renamed into place whole; into a
+        # directory that already holds files, ours move in under an incomplete marker that loaders refuse.
+        fresh = not save_directory.exists() or not any(save_directory.iterdir())
+        with (atomic_directory if fresh else atomic_files)(save_directory) as staging:
+            super()._save_pretrained(staging, state_dict=state_dict)
+            write_manifest(staging, manifest)
         get_plugin_manager().hook.apt_checkpoint_saved(policy=self, path=str(save_directory), manifest=manifest)
 
     def apt_manifest(self, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -165,18 +179,17 @@ class AptPolicyMixin:
         directory = resolve_checkpoint_dir(pretrained_name_or_path, kwargs.get("revision"))
         for key in _HUB_KWARGS:  # the directory is resolved already; the constructor must not see these
             kwargs.pop(key, None)
+        manifest = _check_checkpoint_files(cls, directory)
         if config is None:
             config = PreTrainedConfig.from_pretrained(directory)
         policy = cls(config, **kwargs)
-        weights = directory / "model.safetensors"
-        if not weights.is_file():
-            raise CheckpointMismatchError(str(directory), cause=f"no model.safetensors in {directory}.")
         try:
-            state_dict = load_file(str(weights))
+            state_dict = load_file(str(directory / "model.safetensors"))
         except (SafetensorError, OSError) as exc:
             raise CheckpointMismatchError(str(directory), cause=f"model.safetensors is unreadable ({exc}).") from None
+        if manifest is not None:
+            check_manifest_against_weights(manifest, state_dict, str(directory))
         state_dict = policy.apt_adapter.normalize_state_dict(policy, state_dict)
-        manifest = read_manifest(directory)
         source_stage = manifest.get("stage") if manifest else None
         target_stage = policy.apt_config.stage
         promoting = source_stage == 1 and target_stage == 2
@@ -202,9 +215,41 @@ class AptPolicyMixin:
         else:
             policy.apt_parent = manifest.get("parent") if manifest else None
         hook.apt_checkpoint_loaded(policy=policy, path=str(directory), report=report.as_dict())
+        # A stock checkpoint's processors lack what the APT model reads: LeRobot loads APT ones built from them.
+        use_apt_processors(policy, directory, config)
         policy.to(config.device)
         policy.eval()
         return policy
+
+
+def _check_checkpoint_files(cls: Any, directory: Path) -> dict[str, Any] | None:
+    """Refuse an interrupted, partial or foreign checkpoint before any policy is built; return its manifest."""
+    from apt_plugins.atomic import assert_complete
+
+    assert_complete(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise CheckpointMismatchError(str(directory), cause=f"no {name} in {directory}: not a LeRobot "
+                                          "pretrained_model directory, or a copy that was cut short.")
+    try:
+        saved_type = json.loads((directory / "config.json").read_text()).get("type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CheckpointMismatchError(str(directory), cause=f"config.json is corrupt ({exc}).") from None
+    manifest = read_manifest(directory)
+    adapter = get_plugin_manager().get_adapter(cls.adapter_name)
+    stock = dict(zip(adapter.apt_policy_types, adapter.policy_types)).get(cls.name)
+    if saved_type not in (cls.name, stock):
+        accepted = " or ".join(repr(t) for t in (cls.name, stock) if t)
+        raise CheckpointMismatchError(str(directory), cause=f"config.json is for policy type {saved_type!r}, "
+                                      f"not {accepted}; load it with its own policy type.")
+    if manifest is None and str(saved_type).startswith("apt_"):
+        raise IncompleteCheckpointError(str(directory), f"Its config.json says {saved_type!r} but there is no "
+                                        "apt_manifest.json next to it: the save or copy was cut short. Use the "
+                                        "previous checkpoint or save again.")
+    if manifest is not None and manifest.get("policy_type") not in (None, cls.name):
+        raise CheckpointMismatchError(str(directory), cause=f"apt_manifest.json is for policy type "
+                                      f"{manifest.get('policy_type')!r}, not {cls.name!r}.")
+    return manifest
 
 
 # Settings that change the function without changing any tensor: a silent change on reload would

@@ -2,19 +2,20 @@
 
 Weights and processor files are copied, the APT config is written into ``config.json``, and the
 manifest lists every added tensor. Nothing is written to OUT unless everything succeeded: the
-result is assembled in a temporary sibling directory and renamed into place at the end.
+result is assembled in a temporary sibling directory, fsynced and renamed into place at the end
+(:func:`apt_plugins.atomic.atomic_directory`), so even a killed retrofit leaves OUT absent or complete.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import AptConfig, AptError, CheckpointMismatchError, load_state_dict_strict, write_manifest
+from ..atomic import atomic_directory
 
 __all__ = ["RetrofitReport", "retrofit"]
 
@@ -113,9 +114,8 @@ def retrofit(
     except (SafetensorError, OSError) as exc:
         raise _fail(directory, f"model.safetensors is corrupt or unreadable ({exc}).") from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.retrofit-", dir=out.parent))
-    try:
+    # All or nothing (apt_plugins.atomic): OUT appears only, complete, when every check passed.
+    with atomic_directory(out) as tmp:
         new_config = {**source_config, "type": apt_type, "apt": apt.model_dump()}
         (tmp / "config.json").write_text(json.dumps(new_config, indent=4))
         config = PreTrainedConfig.from_pretrained(tmp)
@@ -152,6 +152,9 @@ def retrofit(
             for path in sorted(directory.glob(pattern)):
                 shutil.copy2(path, tmp / path.name)
                 copied.append(path.name)
+        from .processors import rewrite_processor_files
+
+        rewrite_processor_files(adapter, tmp, apt)
         adapter.retrofit_processors(tmp, apt)
         added = {k: list(policy.state_dict()[k].shape) for k in report_load.fresh}
         manifest = json.loads((tmp / "apt_manifest.json").read_text())
@@ -166,14 +169,7 @@ def retrofit(
                     f"retrofit: the retrofitted policy does not reproduce the source (max |diff| "
                     f"{report.probe['max_abs_diff']:.3g}); nothing was written. Please report this as a bug."
                 )
-        tmp.chmod(0o755)  # mkdtemp creates 0700; the checkpoint should look like any other directory
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-        return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return report
 
 
 def _probe(adapter: Any, policy: Any, stock_type: str, directory: Path, apt: AptConfig, reinit: bool) -> dict[str, Any]:
