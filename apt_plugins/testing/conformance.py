@@ -318,8 +318,8 @@ def check_documented_errors(kit: ConformanceKit, config: AptConfig) -> None:
         with pytest.raises(CheckpointMismatchError, match=r"Stage-2 checkpoint; load it with apt.stage=2"):
             kit.load(Path(tmp) / "s2", AptConfig(stage=1))
         stock = kit.build(None)
-        stock.save_pretrained(Path(tmp) / "plain")
-        with pytest.raises(CheckpointMismatchError, match=r"plain LeRobot checkpoint.*retrofit"):
+        kit.save(stock, Path(tmp) / "plain")
+        with pytest.raises(CheckpointMismatchError, match=r"plain \w+ checkpoint.*retrofit"):
             kit.load(Path(tmp) / "plain", AptConfig(stage=2))
     # Adapter-specific documented errors.
     for case in getattr(kit, "error_cases", lambda: [])():

@@ -39,6 +39,13 @@ def _cases(config: Any) -> list[Any]:
     for adapter in registry:
         if wanted and adapter.name not in wanted:
             continue
+        if adapter.host_version() is None:
+            # A kit builds real host instances, so it cannot run where the host is absent (the openpi
+            # adapters in the LeRobot environment): a visible skip, not a failure.
+            params.append(pytest.param((None, adapter.name, None, "host"), id=f"{adapter.name}-host-not-installed",
+                                       marks=pytest.mark.skip(reason=f"{adapter.host} is not installed in this "
+                                                              f"environment; run the suite where it is (openpi: docs/openpi.md)")))
+            continue
         kit = adapter.conformance_kit()
         if kit is None:
             # An adapter without a kit is untested, which is a failure, not a skip.
@@ -66,7 +73,7 @@ def pytest_generate_tests(metafunc: Any) -> None:
 def pytest_runtest_setup(item: Any) -> None:
     callspec = getattr(item, "callspec", None)
     case = callspec.params.get("apt_case") if callspec else None
-    if case is not None and case[0] is None:
+    if case is not None and case[0] is None and case[3] == "kit":
         import pytest
 
         pytest.fail(f"adapter {case[1]!r} has no conformance kit (Adapter.conformance_kit() returned None)")
