@@ -7,6 +7,7 @@ Commands:
 - ``apt-plugins retrofit SRC OUT --stage {1,2}``: turn a plain LeRobot checkpoint into an APT one.
 - ``apt-plugins verify CHECKPOINT [--parent P] [--dataset-root DIR]``: the invariants on your checkpoint.
 - ``apt-plugins demo``: the whole story through ``lerobot-train`` on a synthetic dataset (CPU, offline).
+- ``apt-plugins eval-language --policy.path=CKPT --dataset.repo_id=REPO``: how much a policy follows its instruction.
 - ``apt-plugins recipes``: the recipes shipped in the package.
 """
 
@@ -111,6 +112,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
+def _cmd_eval_language(args: argparse.Namespace) -> int:
+    from .lerobot.language_eval.command import run
+
+    return run(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .lerobot.demo import run_demo
 
@@ -158,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="apt_pi0", choices=("apt_pi0", "apt_pi05"))
     p.add_argument("--keep", action="store_true", help="reuse an existing workdir instead of starting fresh")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("eval-language", help="how much a LeRobot policy follows its instruction: counterfactual "
+                       "instructions on dataset frames (and closed-loop episodes), table, JSON and plots")
+    from .lerobot.language_eval.command import add_arguments as add_eval_language_arguments
+
+    add_eval_language_arguments(p)
+    p.set_defaults(func=_cmd_eval_language)
     p = sub.add_parser("recipes", help="list the recipes shipped in the package")
     p.set_defaults(func=_cmd_recipes)
     return parser

@@ -221,8 +221,8 @@ class InstructionNotDeliveredError(AptError):
     def __init__(self, variant: str, original: str, changed: str, where: str, fix: str):
         self.variant, self.original, self.changed = variant, original, changed
         super().__init__(
-            f"instruction variant {variant!r} ({where}): the policy saw the same tokens for {changed!r} as for "
-            f"the original {original!r}, so the changed instruction never reached it. {fix}"
+            f"instruction variant {variant!r} ({where}): the changed instruction {changed!r} never reached the "
+            f"policy in place of the original {original!r}. {fix}"
         )
 
 
