@@ -130,7 +130,7 @@ def load_paraphrase_rules(path: str | Path, base: ParaphraseRules | None = DEFAU
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise AptConfigError(f"{field}.{where}" if where else field, first.get("input"),
-                             f"{first['msg']} (in {path}).") from None
+                             f"{first['msg'].removeprefix('Value error, ')} (in {path}).") from None
     return base.merged(rules) if base is not None else rules
 
 
