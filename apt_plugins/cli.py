@@ -4,10 +4,12 @@ Commands:
 
 - ``apt-plugins list``: plugins (with load errors), adapters, supported and installed host versions.
 - ``apt-plugins report``: the Stage 1 -> Stage 2 invariant report on tiny real models.
-- ``apt-plugins retrofit SRC OUT --stage {1,2}``: turn a plain LeRobot checkpoint into an APT one.
+- ``apt-plugins retrofit SRC OUT --stage {1,2}``: turn a plain LeRobot checkpoint into an APT one (an openpi one with ``--openpi-config``).
+- ``apt-plugins openpi-train CONFIG [openpi flags] --apt.stage=1``: APT inside openpi's own PyTorch trainer.
 - ``apt-plugins verify CHECKPOINT [--parent P] [--dataset-root DIR]``: the invariants on your checkpoint.
 - ``apt-plugins demo``: the whole story through ``lerobot-train`` on a synthetic dataset (CPU, offline).
 - ``apt-plugins eval-language --policy.path=CKPT --dataset.repo_id=REPO``: how much a policy follows its instruction.
+- ``apt-plugins repro [--quick]``: the CPU-scale reproduction of the paper's effect (stock pi0 vs APT).
 - ``apt-plugins recipes``: the recipes shipped in the package.
 """
 
@@ -88,9 +90,11 @@ def _import_modules(names: Sequence[str] | None) -> None:
 
 
 def _cmd_retrofit(args: argparse.Namespace) -> int:
+    _import_modules(args.imports)
+    if args.openpi_config:
+        return _openpi_command("retrofit_command", args)
     from .lerobot.retrofit import retrofit
 
-    _import_modules(args.imports)
     overrides = {}
     if args.keep_language_paths:
         overrides["inherited_layers_keep_language_mask"] = False
@@ -100,6 +104,23 @@ def _cmd_retrofit(args: argparse.Namespace) -> int:
                       seed=args.seed, probe=not args.no_probe)
     print(report.summary())
     return 0
+
+
+def _openpi_command(name: str, args: argparse.Namespace) -> int:
+    # The openpi integration lives with its adapter (it needs openpi, which has its own environment).
+    from .errors import AptError
+
+    try:
+        from apt_plugins_openpi_pi import commands
+    except ImportError as exc:
+        raise AptError(f"{args.command}: the openpi adapter cannot be imported ({exc}); run it in the openpi "
+                       "environment (.venv-openpi, see docs/openpi.md).") from None
+    return getattr(commands, name)(args)
+
+
+def _cmd_openpi_train(args: argparse.Namespace) -> int:
+    _import_modules(args.imports)
+    return _openpi_command("train_command", args)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -122,6 +143,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .lerobot.demo import run_demo
 
     return run_demo(args.workdir, steps=args.steps, policy=args.policy, fresh=not args.keep)
+
+
+def _cmd_repro(args: argparse.Namespace) -> int:
+    from .repro.run import FULL, QUICK, run_repro
+
+    overrides = {k: v for k, v in (("seeds", args.seeds), ("workers", args.workers)) if v is not None}
+    config = {**(QUICK if args.quick else FULL), **overrides}
+    command = "apt-plugins repro" + (" --quick" if args.quick else "") + "".join(
+        f" --{k} {v}" for k, v in overrides.items())
+    run_repro(args.workdir, config, report_path=args.report, command=command)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-probe", action="store_true", help="skip the probe comparison with the source policy")
     p.add_argument("--import", dest="imports", action="append", help="import this module first (repeatable)")
+    p.add_argument("--openpi-config", help="SRC is an openpi PyTorch checkpoint (model.safetensors) trained with this "
+                   "openpi TrainConfig name; run in the openpi environment")
     p.set_defaults(func=_cmd_retrofit)
+    p = sub.add_parser("openpi-train", help="APT inside openpi's own PyTorch trainer (scripts/train_pytorch.py): "
+                       "CONFIG and openpi's flags as for train_pytorch.py, plus --apt.<field>=<value>")
+    p.add_argument("--import", dest="imports", action="append", help="import this module first (repeatable)")
+    p.add_argument("config", help="an openpi TrainConfig name (debug, pi05_libero, ...)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="openpi's flags and --apt.<field>=<value> (docs/openpi.md)")
+    p.set_defaults(func=_cmd_openpi_train)
     p = sub.add_parser("verify", help="check the APT invariants on a checkpoint; exit 1 on a failure")
     p.add_argument("checkpoint", help="an APT pretrained_model directory (or a repo id in the local hub cache)")
     p.add_argument("--parent", help="the Stage-1 checkpoint a Stage-2 run started from")
@@ -165,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="apt_pi0", choices=("apt_pi0", "apt_pi05"))
     p.add_argument("--keep", action="store_true", help="reuse an existing workdir instead of starting fresh")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("repro", help="the CPU-scale reproduction: stock pi0 vs APT on a language task with a visual "
+                       "shortcut; table and plots in a Markdown report (see docs/repro.md)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (about a minute): checks the pipeline, not the result")
+    p.add_argument("--workdir", default="runs/repro", help="datasets, VLM cache, checkpoints, logs, results and report")
+    p.add_argument("--report", help="also write the report here (for example docs/repro_results.md), plots beside it")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: 3; --quick: 1)")
+    p.add_argument("--workers", type=int, help="worker processes, one torch thread each (default: 2; --quick: 1)")
+    p.set_defaults(func=_cmd_repro)
     p = sub.add_parser("eval-language", help="how much a LeRobot policy follows its instruction: counterfactual "
                        "instructions on dataset frames (and closed-loop episodes), table, JSON and plots")
     from .lerobot.language_eval.command import add_arguments as add_eval_language_arguments

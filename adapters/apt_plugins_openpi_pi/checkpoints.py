@@ -34,7 +34,7 @@ from apt_plugins import (
 logger = logging.getLogger("apt_plugins")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "write_apt_files", "apt_manifest", "model_config_from",
-           "retrofit_checkpoint", "WEIGHTS_NAME", "CONFIG_NAME"]
+           "retrofit_checkpoint", "load_into", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -62,10 +62,12 @@ def apt_manifest(model: Any) -> dict[str, Any]:
     }
 
 
-def write_apt_files(model: Any, directory: str | Path) -> dict[str, Any] | None:
+def write_apt_files(model: Any, directory: str | Path, frozen_checked: int = 0) -> dict[str, Any] | None:
     """Write ``config.json`` (and, for a prepared model, ``apt_manifest.json``) next to the weights.
 
     Returns the manifest, or None for a stock model. Calls the ``apt_checkpoint_saved`` hook.
+
+    :param frozen_checked: number of frozen tensors verified unchanged (``apt.check_frozen``), recorded.
     """
     directory = Path(directory)
     state = apt_state(model)
@@ -78,6 +80,8 @@ def write_apt_files(model: Any, directory: str | Path) -> dict[str, Any] | None:
     if state is None:
         return None
     manifest = apt_manifest(model)
+    if frozen_checked:
+        manifest["frozen_check"] = {"tensors": frozen_checked, "unchanged": True}
     write_manifest(directory, manifest)
     get_plugin_manager().hook.apt_checkpoint_saved(policy=model, path=str(directory), manifest=manifest)
     return manifest
@@ -138,17 +142,11 @@ def load_checkpoint(directory: str | Path, apt: AptConfig | dict[str, Any], mode
     :param build: ``Pi0Config -> PI0Pytorch`` (default: openpi's constructor).
     :raises CheckpointMismatchError: missing/unexpected tensors, an unreadable file, or ``strict=False``.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not strict:
         raise CheckpointMismatchError(
             str(directory), cause="APT models load strictly; strict=False is not supported. Use "
             "`apt-plugins retrofit` to convert a checkpoint explicitly.")
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointMismatchError(str(directory), cause=f"no {WEIGHTS_NAME} in {directory}.")
     apt = AptConfig.parse(apt)
     if model_config is None:
         model_config = model_config_from(directory)
@@ -156,12 +154,41 @@ def load_checkpoint(directory: str | Path, apt: AptConfig | dict[str, Any], mode
         from openpi.models_pytorch.pi0_pytorch import PI0Pytorch
 
         build = PI0Pytorch
+    state_dict = _read_weights(directory, device)
+    model = build(model_config)
+    prepare_stage(model, apt, adapter=_adapter_name(model))
+    load_into(model, directory, state_dict=state_dict)
+    return model.to(device).eval()
+
+
+def _read_weights(directory: Path, device: str = "cpu") -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointMismatchError(str(directory), cause=f"no {WEIGHTS_NAME} in {directory}.")
     try:
-        state_dict = load_file(str(weights), device=device)
+        return load_file(str(weights), device=device)
     except (SafetensorError, OSError) as exc:
         raise CheckpointMismatchError(str(directory), cause=f"{WEIGHTS_NAME} is unreadable ({exc}).") from None
-    model = build(model_config)
-    prepare_stage(model, apt, adapter="openpi_pi05" if getattr(model, "pi05", False) else "openpi_pi0")
+
+
+def load_into(model: Any, directory: str | Path, *, state_dict: dict[str, Any] | None = None,
+              device: str = "cpu") -> Any:
+    """Load ``directory`` strictly into the already prepared APT ``model``; return the load report.
+
+    Promotion (a Stage-1 manifest, a Stage-2 model) may add only the fusion tensors, and a first
+    LoRA attachment only ``.lora_`` tensors; anything else missing or unexpected raises before any
+    tensor is loaded. Sets ``model.apt_load_report`` and ``model.apt_parent``; calls the
+    ``apt_stage_promoted``/``apt_checkpoint_loaded`` hooks.
+
+    :raises CheckpointMismatchError: with the tensors grouped by module and the likely cause.
+    """
+    directory = Path(directory)
+    apt = apt_state(model).config
+    if state_dict is None:
+        state_dict = _read_weights(directory, device)
     manifest = read_manifest(directory)
     source_stage = manifest.get("stage") if manifest else None
     promoting = source_stage == 1 and apt.stage == 2
@@ -182,7 +209,7 @@ def load_checkpoint(directory: str | Path, apt: AptConfig | dict[str, Any], mode
     else:
         model.apt_parent = manifest.get("parent") if manifest else None
     hook.apt_checkpoint_loaded(policy=model, path=str(directory), report=report.as_dict())
-    return model.to(device).eval()
+    return report
 
 
 def retrofit_checkpoint(src: str | Path, out: str | Path, apt: AptConfig | dict[str, Any], model_config: Any = None,
@@ -208,8 +235,8 @@ def retrofit_checkpoint(src: str | Path, out: str | Path, apt: AptConfig | dict[
         from openpi.models_pytorch.pi0_pytorch import PI0Pytorch
 
         build = PI0Pytorch
+    state_dict = _read_weights(src)
     model = build(model_config)
-    state_dict = safetensors.torch.load_file(str(src / WEIGHTS_NAME))
     prepare_stage(model, apt, adapter=_adapter_name(model))
     report = load_state_dict_strict(
         model, state_dict, source=str(src),

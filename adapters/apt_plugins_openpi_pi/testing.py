@@ -204,3 +204,45 @@ class OpenpiConformanceKit(ConformanceKitBase):
             policy.gradient_checkpointing_enable()
         else:
             policy.gradient_checkpointing_disable()
+
+
+def use_uint8_fake_images() -> None:
+    """Make openpi's ``FakeDataset`` emit uint8 HWC images, as its real datasets do (tests/benchmarks only).
+
+    Upstream issue at the pinned commit: ``FakeDataset`` draws float32 HWC images, which
+    ``Observation.from_dict`` leaves channels-last (only uint8 images are permuted to CHW), so the
+    stock PyTorch trainer cannot run openpi's own fake-data ``debug`` configs; uint8 images take the
+    path real data takes.
+    """
+    import numpy as np
+
+    from .train import _ensure_lerobot_data_module
+
+    _ensure_lerobot_data_module()
+    from openpi.training import data_loader
+
+    if getattr(data_loader.FakeDataset, "_apt_uint8", False):
+        return
+    original = data_loader.FakeDataset.__getitem__
+
+    def getitem(self: Any, index: Any) -> dict:
+        item = original(self, index)
+        item["image"] = {k: ((np.asarray(v) + 1.0) * 127.5).round().astype(np.uint8) for k, v in item["image"].items()}
+        return item
+
+    data_loader.FakeDataset.__getitem__ = getitem
+    data_loader.FakeDataset._apt_uint8 = True
+
+
+TINY_PLUGIN_SOURCE = (
+    '"""Throw-away module: tiny openpi models and uint8 fake images in this process (tests/benchmarks only)."""\n'
+    "from apt_plugins_openpi_pi.testing import apply_tiny_patches, use_uint8_fake_images\n\n"
+    "apply_tiny_patches()\nuse_uint8_fake_images()\n"
+)
+
+
+def write_tiny_module(directory: Path, name: str = "apt_tiny_openpi") -> str:
+    """Write the throw-away tiny-model module into ``directory`` (put it on PYTHONPATH); return its name."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / f"{name}.py").write_text(TINY_PLUGIN_SOURCE)
+    return name
