@@ -63,3 +63,24 @@ def test_bench_groot_quick(tmp_path):
     tokens = {c: r["vlm_tokens_per_sample"] for c, r in p["train"].items()}
     # Stage 1 drops the instruction; Stage 2 adds it back as a continuation: the stock token count.
     assert tokens["apt_stage1"] < tokens["default"] == tokens["full_ft"] == tokens["apt_stage2"]
+
+
+def test_bench_smolvla_quick(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_smolvla
+    finally:
+        sys.path.pop(0)
+    out, report = _run("bench_smolvla.py", tmp_path / "smolvla.json")
+    assert report["size_name"] == "quick"
+    p = report["policies"]["smolvla"]
+    _check_ratios(p["ratios"], {t[0] for t in bench_smolvla.TARGETS})
+    assert set(p["train"]) == set(bench_smolvla.TRAIN_CONFIGS)
+    assert set(p["infer"]["infer_s"]) == set(bench_smolvla.INFER_CONFIGS)
+    assert "| ratio" in out and "S1 time / stock default" in out and "infer S2 / stock" in out
+    # Stage 1 runs the images and the state token only; Stage 2 adds the instruction back as a
+    # continuation of the image pass: the stock token count.
+    tokens = {c: r["vlm_tokens_per_sample"] for c, r in p["train"].items()}
+    assert tokens["apt_stage1"] < tokens["default"] == tokens["full_ft"] == tokens["apt_stage2"]
+    assert not p["train"]["apt_stage1"]["vlm_activations_require_grad"]
+    assert p["train"]["default"]["vlm_activations_require_grad"]

@@ -22,8 +22,9 @@ One code path serves training and cached inference:
 
 The action path is then exactly independent of the instruction (content and length), and Stage 2
 with closed gates reproduces Stage 1 bit for bit. With the language mask lifted
-(``inherited_layers_keep_language_mask=False``) step 1 runs images and language together at the
-stock positions and the expert sees every prefix token, which is the host's function.
+(``inherited_layers_keep_language_mask=False``) one pass runs the whole prefix at the
+stock positions, like the host's prefix prefill, and the expert sees every prefix token: the host's
+function (sampled actions bit for bit).
 """
 
 from __future__ import annotations
@@ -88,8 +89,14 @@ def _tail(layer: nn.Module, hidden: Tensor, attn_out: Tensor) -> Tensor:
     """o_proj + residual, post-attention norm, MLP + residual: the host's per-layer tail, op for op."""
     if attn_out.dtype != layer.self_attn.o_proj.weight.dtype:
         attn_out = attn_out.to(layer.self_attn.o_proj.weight.dtype)
-    hidden = layer.self_attn.o_proj(attn_out) + hidden
-    return layer.mlp(layer.post_attention_layernorm(hidden)) + hidden
+    # In-place adds, as the host: the sum takes the projection's dtype (a bf16 VLM turns an fp32
+    # residual stream into bf16 after its first layer), which an out-of-place add would not.
+    out = layer.self_attn.o_proj(attn_out)
+    out += hidden
+    residual = out.clone()
+    out = layer.mlp(layer.post_attention_layernorm(out))
+    out += residual
+    return out
 
 
 def _vlm_layer(attend: Any, layer: nn.Module, hidden: Tensor, mask: Tensor, positions: Tensor,
@@ -202,48 +209,62 @@ class APTVLAFlowMatching(VLAFlowMatching):
     def _apt_prefix(self, images, img_masks, lang_tokens, lang_masks, state) -> PrefixContext:
         """Run the VLM over the prefix (image, state and, in Stage 2, language passes; module docstring)."""
         cfg = self.apt_config
+        if not cfg.masks_language_in_inherited_layers:
+            return self._apt_joint_prefix(images, img_masks, lang_tokens, lang_masks, state)
         vlm_grad = torch.is_grad_enabled() and self._apt_vlm_trains()
         with torch.set_grad_enabled(vlm_grad):
             embs, pad, att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state=state)
-        # embed_prefix runs state_proj, which trains: redo just that token with autograd on.
-        state_at = int(att[0].to(torch.int8).argmax())  # the only prefix token with att=1
+        # embed_prefix ran state_proj without autograd; state_proj trains, so its token is redone here.
         state_emb = self.state_proj(state)
-        state_emb = (state_emb[:, None, :] if state_emb.ndim == 2 else state_emb)
-        n_lang = lang_tokens.shape[1]
-        n_img = state_at - n_lang
+        state_emb = state_emb[:, None, :] if state_emb.ndim == 2 else state_emb
+        state_at, n_img = self._apt_layout(att, lang_tokens)
         idx = torch.arange(pad.shape[1], device=pad.device)[None, :]
         language = torch.zeros_like(pad)
         language[:, n_img:state_at] = lang_masks.bool()
-        context_tokens = pad & (idx < n_img) if cfg.masks_language_in_inherited_layers else pad & (idx < state_at)
         att_2d = make_att_2d_masks(pad, att)
-        usual = torch.cumsum(pad, dim=1) - 1
         with torch.set_grad_enabled(vlm_grad):
-            index, valid = _split(context_tokens)
+            index, valid = _split(pad & (idx < n_img))
             mask = _take_2d(att_2d, index, index) & valid[:, None, :]
-            # Compacted valid tokens at cumsum(valid)-1: the stock positions of images (they come first),
-            # and of images + language when the mask is lifted.
+            # Images come first, so cumsum(valid)-1 over the compacted images are their stock positions.
             positions = (torch.cumsum(valid, dim=1) - 1).clamp(min=0)
-            context_kv = self._apt_run_vlm(_take(embs, index), mask, positions)
-        bsz = pad.shape[0]
-        one = torch.ones(bsz, 1, dtype=torch.bool, device=pad.device)
-        n_valid = valid.sum(dim=1, keepdim=True)
-        state_kv = self._apt_run_vlm(state_emb.to(embs.dtype), torch.cat([valid, one], 1)[:, None, :], n_valid,
-                                     context=context_kv)
-        visible_kv = [(torch.cat([ck, sk], 1), torch.cat([cv, sv], 1))
-                      for (ck, cv), (sk, sv) in zip(context_kv, state_kv, strict=True)]
+            image_kv = self._apt_run_vlm(_take(embs, index), mask, positions)
+        one = torch.ones(pad.shape[0], 1, dtype=torch.bool, device=pad.device)
         visible = torch.cat([valid, one], 1)
-        is_language = torch.cat([_take(language, index) & valid, torch.zeros_like(one)], 1)
-        prefix = PrefixContext(visible=visible, visible_kv=visible_kv, visible_is_language=is_language,
+        state_kv = self._apt_run_vlm(state_emb.to(embs.dtype), visible[:, None, :], valid.sum(dim=1, keepdim=True),
+                                     context=image_kv)
+        visible_kv = [(torch.cat([ik, sk], 1), torch.cat([iv, sv], 1))
+                      for (ik, iv), (sk, sv) in zip(image_kv, state_kv, strict=True)]
+        prefix = PrefixContext(visible=visible, visible_kv=visible_kv, visible_is_language=torch.zeros_like(visible),
                                offset=visible.sum(dim=1))
-        if cfg.stage == 2 and cfg.masks_language_in_inherited_layers:
+        if cfg.stage == 2:
+            # Language attends to the images and to itself (not to the state: its att bit hides it).
             with torch.set_grad_enabled(vlm_grad):
                 lang_index, lang_valid = _split(language)
                 rows = _take_2d(att_2d, lang_index, torch.cat([index, lang_index], 1))
                 mask = rows & torch.cat([valid, lang_valid], 1)[:, None, :]
+                usual = torch.cumsum(pad, dim=1) - 1
                 prefix.language = lang_valid
                 prefix.language_kv = self._apt_run_vlm(_take(embs, lang_index), mask, _take(usual, lang_index),
-                                                       context=context_kv)
+                                                       context=image_kv)
         return prefix
+
+    def _apt_layout(self, att: Tensor, lang_tokens: Tensor) -> tuple[int, int]:
+        """Index of the state token (the only prefix token whose att bit is set) and the image-token count."""
+        state_at = int(att[0].to(torch.int8).argmax())
+        return state_at, state_at - lang_tokens.shape[1]
+
+    def _apt_joint_prefix(self, images, img_masks, lang_tokens, lang_masks, state) -> PrefixContext:
+        """Language mask lifted: the whole prefix in one pass at the stock positions, as the host's prefill.
+
+        Op for op the host's prefix prefill, so closed-gate sampling reproduces stock SmolVLA. The
+        state token is part of the pass, so it runs with autograd (``state_proj`` trains).
+        """
+        embs, pad, att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks, state=state)
+        state_at, n_img = self._apt_layout(att, lang_tokens)
+        language = torch.zeros_like(pad)
+        language[:, n_img:state_at] = lang_masks.bool()
+        kv = self._apt_run_vlm(embs, make_att_2d_masks(pad, att), torch.cumsum(pad, dim=1) - 1)
+        return PrefixContext(visible=pad, visible_kv=kv, visible_is_language=language, offset=pad.sum(dim=-1))
 
     # ------------------------------------------------------------------ expert
     def _apt_velocity(self, prefix: PrefixContext, x_t: Tensor, timestep: Tensor) -> Tensor:

@@ -34,11 +34,14 @@ DEFAULT_WORDS = ("pick place push open close the a red green blue yellow cube bo
                  "left right up down into on of and to lift move grasp put stack").split()
 
 
-def write_tiny_backbone(directory: Path, words: list[str] | None = None, **text_overrides: Any) -> Path:
+def write_tiny_backbone(directory: Path, words: list[str] | None = None, vision: dict[str, Any] | None = None,
+                        scale_factor: int = 2, **text_overrides: Any) -> Path:
     """Write a tiny SmolVLM backbone directory (``config.json`` + processor + tokenizer) for ``vlm_model_name``.
 
     The vocabulary holds the special tokens, ``DEFAULT_WORDS``, ``words`` and fillers up to
-    ``TINY_VOCAB`` ids. ``text_overrides`` change the text model (the benchmarks use wider ones).
+    ``TINY_VOCAB`` ids. ``text_overrides`` and ``vision`` change the text and vision models and
+    ``scale_factor`` the connector's pixel shuffle (the benchmarks use larger sizes); each image
+    becomes ``(image_size / patch_size)**2 / scale_factor**2`` tokens.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, SmolVLMConfig
@@ -57,7 +60,7 @@ def write_tiny_backbone(directory: Path, words: list[str] | None = None, **text_
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<|im_start|>", eos_token="<|im_end|>", extra_special_tokens=_SPECIAL)
-    config = SmolVLMConfig(text_config=text, vision_config=dict(VISION_CONFIG), scale_factor=2,
+    config = SmolVLMConfig(text_config=text, vision_config={**VISION_CONFIG, **(vision or {})}, scale_factor=scale_factor,
                            image_token_id=vocab["<image>"])
     config.save_pretrained(directory)
     image = SmolVLMImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
@@ -162,6 +165,19 @@ class SmolVLAConformanceKit(LeRobotConformanceKit):
              "trigger": lambda: self.build(AptConfig(stage=1), compile_model=True)},
             {"error": LanguageMaskError, "match": r"needs the PrefixContext", "trigger": stock_cache},
         ]
+
+    def cli_workspace(self, root: Path) -> Any:
+        """A tiny SmolVLM backbone under ``root`` for lerobot-train & co. (see
+        :class:`apt_plugins.testing.cli.CliWorkspace`). No plugin: the saved config names the backbone."""
+        from apt_plugins.testing.cli import CliWorkspace
+
+        backbone = write_tiny_backbone(Path(root) / "smolvlm")
+        args = ["--policy.device=cpu", "--policy.push_to_hub=false", "--policy.chunk_size=4",
+                "--policy.n_action_steps=4", "--policy.max_state_dim=8", "--policy.max_action_dim=8",
+                "--policy.load_vlm_weights=false", "--policy.num_vlm_layers=4",
+                "--policy.resize_imgs_with_padding=[32,32]", "--policy.num_steps=2",
+                f"--policy.vlm_model_name={backbone}"]
+        return CliWorkspace(env={}, policy_args=args)
 
 
 def probe_batch(policy: Any, variant: str = "original", seed: int = 0, batch_size: int = 2, prompt_len: int = 16,
