@@ -23,6 +23,7 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "check_manifest_against_weights",
+    "weights_summary",
     "fingerprint",
     "tensor_fingerprint",
 ]
@@ -112,7 +113,10 @@ def load_state_dict_strict(
     unexpected = sorted(set(state_dict) - used)
     if missing or unexpected or mismatched:
         cause = explain(missing, unexpected) if explain else ""
-        if any(".apt_" in m for m in mismatched):
+        if any(" dtype " in m for m in mismatched):
+            cause = ("a tensor is stored with another kind of dtype than the model's (a float tensor as integers, "
+                     "or the reverse): the file is corrupt or was converted by a tool. Re-save it from the model.")
+        elif any(".apt_" in m for m in mismatched):
             cause = ("the fusion layers have other shapes than in the checkpoint: an APT setting that shapes them "
                      "differs (gate_granularity, or the expert width/depth). Load with the checkpoint's apt settings "
                      "(its config.json).")
@@ -165,6 +169,22 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def weights_summary(path: str | Path) -> dict[str, Any]:
+    """Tensor count and count per dtype of a safetensors file, read from its header only."""
+    from safetensors import safe_open
+
+    dtypes: dict[str, int] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            dtype = str(handle.get_slice(key).get_dtype()).lower()
+            dtypes[dtype] = dtypes.get(dtype, 0) + 1
+    return {"tensors": sum(dtypes.values()), "dtypes": dict(sorted(dtypes.items()))}
+
+
+_SAFETENSORS_DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64": "f64", "int64": "i64",
+                       "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "bool"}
+
+
 def check_manifest_against_weights(manifest: dict[str, Any], state_dict: dict[str, Any], source: str) -> None:
     """Refuse weights whose APT tensors (names, shapes) disagree with their manifest.
 
@@ -182,6 +202,18 @@ def check_manifest_against_weights(manifest: dict[str, Any], state_dict: dict[st
     unexpected = sorted(k for k in present if k not in declared)
     reshaped = sorted(f"{k} (manifest {tuple(declared[k])} vs file {tuple(present[k])})"
                       for k in declared if k in present and list(declared[k]) != present[k])
+    recorded = manifest.get("weights")
+    if isinstance(recorded, dict) and not (missing or unexpected or reshaped):
+        found: dict[str, int] = {}
+        for value in state_dict.values():
+            name = str(value.dtype).removeprefix("torch.")
+            found[_SAFETENSORS_DTYPES.get(name, name)] = found.get(_SAFETENSORS_DTYPES.get(name, name), 0) + 1
+        if dict(sorted(found.items())) != recorded.get("dtypes") or len(state_dict) != recorded.get("tensors"):
+            raise CheckpointMismatchError(
+                source, cause=f"model.safetensors holds {len(state_dict)} tensors with dtypes "
+                f"{dict(sorted(found.items()))}, but {MANIFEST_NAME} recorded {recorded.get('tensors')} tensors "
+                f"with {recorded.get('dtypes')}: the weights were converted or replaced after the save. "
+                "Use the pair written together (save the checkpoint again).")
     if missing or unexpected or reshaped:
         raise CheckpointMismatchError(
             source, missing, unexpected,

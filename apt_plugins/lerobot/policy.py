@@ -33,7 +33,7 @@ from apt_plugins import (
     read_manifest,
     write_manifest,
 )
-from apt_plugins.checkpoint import check_manifest_against_weights
+from apt_plugins.checkpoint import check_manifest_against_weights, weights_summary
 
 from .processors import restore_pretrained_path, use_apt_processors
 
@@ -137,6 +137,7 @@ class AptPolicyMixin:
         fresh = not save_directory.exists() or not any(save_directory.iterdir())
         with (atomic_directory if fresh else atomic_files)(save_directory) as staging:
             super()._save_pretrained(staging, state_dict=state_dict)
+            manifest["weights"] = weights_summary(staging / "model.safetensors")
             write_manifest(staging, manifest)
         get_plugin_manager().hook.apt_checkpoint_saved(policy=self, path=str(save_directory), manifest=manifest)
 
