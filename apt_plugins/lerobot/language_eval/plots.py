@@ -55,7 +55,10 @@ def plot_divergence_bars(reports: list[LanguageReport], path: str | Path) -> Pat
         index = report.index
         label = f"{report.name} (index {index:.2f})" if index is not None else report.name
         xs = [i + (k - (len(reports) - 1) / 2) * width for i in range(len(variants))]
-        ax.bar(xs, values, width=width * 0.95, label=label)
+        bars = ax.bar(xs, values, width=width * 0.95, label=label)
+        # Values on the bars: a policy that ignores the instruction has bars of height 0, which are
+        # otherwise invisible.
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=6, padding=1)
     ax.set_xticks(range(len(variants)))
     ax.set_xticklabels(variants)
     ax.set_ylabel("action divergence\n(RMS, dataset action std units)")
