@@ -250,9 +250,10 @@ def retrofit_checkpoint(src: str | Path, out: str | Path, apt: AptConfig | dict[
         groups = apt_state(model).groups
         with torch.no_grad():
             for name, module in model.named_modules():
-                own = list(module.parameters(recurse=False))
-                if own and all(groups[f"{name}.{n}"] == "action_expert" for n, _ in module.named_parameters(recurse=False)) \
-                        and hasattr(module, "reset_parameters"):
+                own = [n for n, _ in module.named_parameters(recurse=False)]
+                # groups has no entry for tied duplicates (the LM head): those are never the expert's.
+                if own and hasattr(module, "reset_parameters") and all(
+                        groups.get(f"{name}.{n}") == "action_expert" for n in own):
                     module.reset_parameters()
     model.apt_load_report = report
     model.apt_parent = {"path": str(src), "stage": None, "retrofit": True}

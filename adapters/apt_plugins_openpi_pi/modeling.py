@@ -353,6 +353,18 @@ def set_state_marker(model: nn.Module, token_id: int) -> None:
 
 def install(model: nn.Module, config: AptConfig) -> None:
     """Swap ``model`` (an openpi ``PI0Pytorch``) to :class:`APTPI0Pytorch` and add the Stage-2 fusion layers."""
+    if getattr(config, "prefix_cache", None) is not None:
+        raise AptConfigError(
+            "apt.prefix_cache", config.prefix_cache,
+            "the openpi adapter has no prefix cache (openpi's trainer augments images at every step, so the prefix "
+            "is never reused). Unset it.",
+        )
+    if getattr(config, "attention", "auto") == "sdpa":
+        raise AptConfigError(
+            "apt.attention", "sdpa",
+            "the openpi adapter runs openpi's own eager attention kernel (the one its joint pass uses). Use "
+            "apt.attention='eager' or 'auto' (eager here).",
+        )
     # PI0Pytorch.__init__ stores torch.compile(self.sample_actions) on the instance, which would
     # shadow the APT sampler: compile the APT one instead, with the same mode.
     recompile = "sample_actions" in model.__dict__ and not model.__dict__.get("_apt_compiled")
