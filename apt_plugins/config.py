@@ -26,7 +26,8 @@ class AptConfig(BaseModel):
     (The reference code calls them ``train_stage=0`` and ``1``; do not carry that over.)
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: a NaN gate logit or an infinite lr multiplier would train silently into NaNs.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
     stage: Literal[1, 2] = Field(
         1,
@@ -96,6 +97,17 @@ class AptConfig(BaseModel):
     def _no_bool_stage(cls, value: Any) -> Any:
         if isinstance(value, bool):  # True == 1 in Python; a boolean stage is always a mistake
             raise ValueError("Input should be 1 or 2, not a boolean")
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: Any) -> Any:
+        # Same reason as for the stage: pydantic would take lora_rank=True as 1 (found by the fuzz tests).
+        annotation = cls.model_fields[info.field_name].annotation
+        numeric = annotation in (int, float) or annotation == (tuple[int, ...] | None)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if numeric and any(isinstance(item, bool) for item in items):
+            raise ValueError("Input should be a number, not a boolean")
         return value
 
     @model_validator(mode="after")
