@@ -110,8 +110,28 @@ class Adapter:
         """Map a checkpoint's tensor names onto ``policy``'s (the host's own legacy renames). Default: as is."""
         return state_dict
 
+    def rewrite_processor_config(
+        self, filename: str, data: dict[str, Any], config: AptConfig
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Turn a host's saved processor pipeline config into this adapter's APT one.
+
+        Called with the parsed JSON of each processor file of a host checkpoint
+        (``policy_preprocessor.json``, ``policy_postprocessor.json`` for LeRobot) when the checkpoint
+        is retrofitted or loaded into an APT type with ``--policy.pretrained_path``. Return the new
+        config and one human-readable line per change (printed to the user); return ``data`` and
+        ``[]`` when it needs nothing, which includes a config that is already the APT one (the
+        method must be idempotent). Never modify ``data`` in place. Default: nothing to change (the
+        host's processors already emit what the APT model reads).
+
+        :param filename: the processor file's name, e.g. ``"policy_preprocessor.json"``.
+        :param data: its parsed content (``{"name": ..., "steps": [{"registry_name": ..., ...}]}``).
+        :param config: the APT configuration the processors will serve.
+        """
+        return data, []
+
     def retrofit_processors(self, directory: Any, config: AptConfig) -> None:
-        """Adapt the host processor files copied into a retrofitted checkpoint. Default: keep them."""
+        """Adapt the host processor files copied into a retrofitted checkpoint, beyond what
+        :meth:`rewrite_processor_config` does (which retrofit applies first). Default: nothing more."""
 
     def probe_batch(self, policy: Any, variant: str = "original", seed: int = 0) -> dict[str, Any]:
         """A model-ready batch (after the host's preprocessing) sized for ``policy``'s config.

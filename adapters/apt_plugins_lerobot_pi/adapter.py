@@ -95,11 +95,14 @@ class _PiAdapter(Adapter):
         fixed = policy._fix_pytorch_state_dict_keys(state_dict, policy.config)
         return {k if k.startswith("model.") else f"model.{k}": v for k, v in fixed.items()}
 
-    def retrofit_processors(self, directory: Any, config: AptConfig) -> None:
-        from .processing import rewrite_pi05_preprocessor
+    def rewrite_processor_config(self, filename: str, data: dict[str, Any],
+                                 config: AptConfig) -> tuple[dict[str, Any], list[str]]:
+        # pi0 needs nothing: its prompt is the task alone, so the attention mask already spans it.
+        from .processing import PREPROCESSOR_FILE, apt_pi05_preprocessor_config
 
-        if self.name == "lerobot_pi05":
-            rewrite_pi05_preprocessor(directory)
+        if self.name == "lerobot_pi05" and filename == PREPROCESSOR_FILE:
+            return apt_pi05_preprocessor_config(data)
+        return data, []
 
     def probe_batch(self, policy: Any, variant: str = "original", seed: int = 0) -> dict[str, Any]:
         from .testing import probe_batch

@@ -115,12 +115,38 @@ class TaskSpanTokenizerStep(TokenizerProcessorStep):
 PREPROCESSOR_FILE = "policy_preprocessor.json"
 
 
-def rewrite_pi05_preprocessor(directory: Any) -> bool:
-    """Give a copied stock pi0.5 preprocessor the task-span steps (retrofit). Returns True if changed.
+def apt_pi05_preprocessor_config(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A stock pi0.5 pre-processor config (parsed ``policy_preprocessor.json``) with the task-span steps.
 
     Inserts ``apt_record_task_text`` before the prompt builder and swaps the tokenizer step for
     ``apt_task_span_tokenizer`` (same settings). Step state files are referenced by name, so
-    inserting a step leaves them valid.
+    inserting a step leaves them valid. Returns the new config and one line per change; ``[]``
+    (and ``data`` itself) when it already has the steps.
+    """
+    names = [s.get("registry_name") for s in data.get("steps", [])]
+    if "apt_task_span_tokenizer" in names:
+        return data, []
+    steps, changes = [], []
+    for step in data.get("steps", []):
+        if step.get("registry_name") == "pi05_prepare_state_tokenizer_processor_step":
+            steps.append({"registry_name": "apt_record_task_text",
+                          "config": {"task_key": step.get("config", {}).get("task_key", "task")}})
+            changes.append("added apt_record_task_text before pi05_prepare_state_tokenizer_processor_step "
+                           "(keeps the task text aside before the prompt is built)")
+        if step.get("registry_name") == "tokenizer_processor":
+            step = {**step, "registry_name": "apt_task_span_tokenizer"}
+            changes.append("tokenizer_processor -> apt_task_span_tokenizer, same settings "
+                           "(also emits observation.language.task_mask)")
+        steps.append(step)
+    if not changes:
+        return data, []
+    return {**data, "steps": steps}, changes
+
+
+def rewrite_pi05_preprocessor(directory: Any) -> bool:
+    """Give a copied stock pi0.5 preprocessor the task-span steps, in place. Returns True if changed.
+
+    See :func:`apt_pi05_preprocessor_config` for what changes.
     """
     import json
     from pathlib import Path
@@ -128,18 +154,7 @@ def rewrite_pi05_preprocessor(directory: Any) -> bool:
     path = Path(directory) / PREPROCESSOR_FILE
     if not path.is_file():
         return False
-    data = json.loads(path.read_text())
-    names = [s.get("registry_name") for s in data.get("steps", [])]
-    if "apt_task_span_tokenizer" in names:
-        return False
-    steps = []
-    for step in data["steps"]:
-        if step.get("registry_name") == "pi05_prepare_state_tokenizer_processor_step":
-            steps.append({"registry_name": "apt_record_task_text",
-                          "config": {"task_key": step.get("config", {}).get("task_key", "task")}})
-        if step.get("registry_name") == "tokenizer_processor":
-            step = {**step, "registry_name": "apt_task_span_tokenizer"}
-        steps.append(step)
-    data["steps"] = steps
-    path.write_text(json.dumps(data, indent=2))
-    return True
+    data, changes = apt_pi05_preprocessor_config(json.loads(path.read_text()))
+    if changes:
+        path.write_text(json.dumps(data, indent=2))
+    return bool(changes)
