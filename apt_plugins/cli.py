@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", help="adapter name (repeatable; default: all with a kit)")
     p.add_argument("--steps", type=int, default=20, help="training steps per stage")
     p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("retrofit", help="turn a plain LeRobot pi0/pi0.5/groot checkpoint into an APT checkpoint")
+    p = sub.add_parser("retrofit", help="turn a plain LeRobot pi0/pi0.5/smolvla/groot checkpoint into an APT checkpoint")
     p.add_argument("src", help="a LeRobot pretrained_model directory, or a repo id in the local hub cache")
     p.add_argument("out", help="new output directory (nothing is written there unless everything succeeds)")
     p.add_argument("--stage", type=int, choices=(1, 2), required=True, help="APT stage to prepare")
