@@ -2,12 +2,16 @@
 
 The checkpoints hold their own processors (as ``lerobot-train`` writes them); the command loads
 them, evaluates open loop and closed loop (``apt_blocks``), compares both policies in one table and
-one plot, and writes JSON and PNGs. Runs in-process under the tiny-model patches (no subprocess).
+one plot, and writes JSON and PNGs, in-process under the tiny-model patches. The e2e test runs the
+``lerobot-eval`` binary with the instruction override plugin.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +101,59 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoints, dataset, tmp
                 f"--dataset.root={dataset.root}", "--variants=swap", f"--output_dir={out}") == 2
     assert "variants='swap'. choose from " + ", ".join(VARIANTS) in capsys.readouterr().err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------- inside lerobot-eval itself
+EVAL_PLUGIN = '''"""Scratch plugin: tiny pi0 at construction, then the instruction override (tests only)."""
+import apt_tiny_pi  # noqa: F401
+import apt_plugins.lerobot.language_eval.lerobot_eval_override  # noqa: F401
+'''
+
+
+def _lerobot_eval(checkpoint: Path, tmp_path: Path, variant: str) -> tuple[subprocess.CompletedProcess, Path]:
+    from apt_plugins_lerobot_pi.testing import write_tiny_plugin
+
+    plugins = tmp_path / "plugins"
+    write_tiny_plugin(plugins)
+    (plugins / "apt_lang_override_plugin").mkdir(exist_ok=True)
+    (plugins / "apt_lang_override_plugin" / "__init__.py").write_text(EVAL_PLUGIN)
+    log = tmp_path / f"override_{variant}.jsonl"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "HF_LEROBOT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(plugins), "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "APT_EVAL_INSTRUCTION": variant,
+           "APT_EVAL_INSTRUCTION_LOG": str(log)}
+    cmd = [str(Path(sys.executable).parent / "lerobot-eval"), f"--policy.path={checkpoint}", "--env.type=apt_blocks",
+           "--env.discover_packages_path=apt_lang_override_plugin", "--env.episode_length=3", "--eval.n_episodes=2",
+           "--eval.batch_size=1", "--policy.device=cpu", f"--output_dir={tmp_path / ('eval_' + variant)}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600), log
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_lerobot_eval_runs_with_the_instruction_override(checkpoints, tmp_path):
+    result, log = _lerobot_eval(checkpoints["stock"], tmp_path, "task_swap")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((tmp_path / "eval_task_swap" / "eval_info.json").read_text())
+    assert info["overall"]["n_episodes"] == 2
+    (record,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert record["variant"] == "task_swap" and record["episodes"] == 2 and record["retargeted"] == 2
+    assert record["tokens_checked"] == 6  # 3 steps x 2 episodes, each checked against the original's tokens
+    for episode in record["instructions"]:
+        assert episode["shown"] != episode["original"] and episode["scored_task"] == episode["shown"]
+
+
+def test_the_lerobot_eval_override_settings_are_checked():
+    from apt_plugins.errors import AptConfigError
+
+    from apt_plugins.lerobot.language_eval.closed_loop import settings_from_environment as parse
+
+    assert parse({"APT_EVAL_INSTRUCTION": "empty"})["tasks"][0] == "pick the red block"
+    assert parse({"APT_EVAL_INSTRUCTION": "task_swap", "APT_EVAL_INSTRUCTION_SEED": "3",
+                  "APT_EVAL_INSTRUCTION_TASKS": '["a b", "c d"]'}) == {
+        "variant": "task_swap", "seed": 3, "tasks": ["a b", "c d"], "log": None}
+    for environ, match in (({}, r"APT_EVAL_INSTRUCTION=None\. set it to one of original, task_swap"),
+                           ({"APT_EVAL_INSTRUCTION": "swap"}, r"variants='swap'\. choose from"),
+                           ({"APT_EVAL_INSTRUCTION": "empty", "APT_EVAL_INSTRUCTION_SEED": "x"}, "use an integer"),
+                           ({"APT_EVAL_INSTRUCTION": "empty", "APT_EVAL_INSTRUCTION_TASKS": "[1]"}, "JSON list")):
+        with pytest.raises(AptConfigError, match=match):
+            parse(environ)

@@ -19,6 +19,8 @@ loop) once per variant with both in place.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,10 +30,10 @@ from typing import Any
 import gymnasium as gym
 
 from ...errors import AptConfigError, InstructionNotDeliveredError
-from .variants import DEFAULT_PARAPHRASE_RULES, ParaphraseRules, make_variant, validate_variants
+from .variants import DEFAULT_PARAPHRASE_RULES, VARIANTS, ParaphraseRules, make_variant, validate_variants
 
-__all__ = ["InstructionOverride", "DeliveryGuard", "ClosedLoopReport", "evaluate_closed_loop", "RETARGET",
-           "retarget_blocks"]
+__all__ = ["InstructionOverride", "DeliveryGuard", "ClosedLoopReport", "evaluate_closed_loop", "rollout_with_override",
+           "RETARGET", "retarget_blocks", "settings_from_environment", "install_lerobot_eval_override"]
 
 
 def retarget_blocks(env: Any, instruction: str) -> bool:
@@ -244,10 +246,9 @@ def evaluate_closed_loop(
     import torch
     from lerobot.envs.configs import EnvConfig
     from lerobot.envs.factory import make_env, make_env_config, make_env_pre_post_processors
-    from lerobot.envs.utils import preprocess_observation
     from lerobot.scripts.lerobot_eval import eval_policy
 
-    from .runner import _PROBE_INSTRUCTION, _as_loaded, language_keys, record_policy_inputs, tokenizer_vocabulary
+    from .runner import _as_loaded, tokenizer_vocabulary
 
     if episodes < 1:
         raise AptConfigError("eval.n_episodes", episodes, "run at least one episode.")
@@ -274,42 +275,137 @@ def evaluate_closed_loop(
         env={"type": env.type, "tasks": list(tasks)},
         settings={"episodes": episodes, "seed": seed, "device": device, "variants": list(chosen)},
     )
-    keys: list[str] | None = None
     for variant in chosen:
         suites = make_env(env, n_envs=1, use_async_envs=False)
         vec = next(iter(next(iter(suites.values())).values()))
         try:
-            vec.envs[0] = InstructionOverride(vec.envs[0], variant, tasks, seed, rules, vocabulary)
-            if keys is None:
-                # The language inputs, from one real observation of this env: what the instruction changes.
-                obs, _ = vec.reset(seed=[seed])
-                raw = env_pre(preprocess_observation(obs))
-                raw.pop("task", None)
-                first = vec.envs[0].original_instruction
-                keys = language_keys(loaded.preprocessor, raw, [[first], [""], [_PROBE_INSTRUCTION]])
-                if not keys:
-                    from ...errors import NoLanguageInputError
-
-                    raise NoLanguageInputError(repr(policy.config.type), "its pre-processor produced the same "
-                                               f"model inputs for {first!r}, '' and {_PROBE_INSTRUCTION!r}.")
-                vec.envs[0].history.clear()
-            guard = DeliveryGuard(loaded.preprocessor, keys, vec)
             torch.manual_seed(seed)  # the same sampling noise for every variant
-            with record_policy_inputs(policy, keys, methods=("select_action",)) as seen, torch.no_grad(), \
-                    _lerobot_progress(progress):
-                info = eval_policy(vec, policy, env_pre, env_post, guard.preprocessor, loaded.postprocessor,
-                                   n_episodes=episodes, start_seed=seed)
-            checked = guard.check(seen, variant)
-            history = vec.envs[0].history[-episodes:]
+            with _lerobot_progress(progress):
+                report.per_variant[variant] = rollout_with_override(
+                    eval_policy, vec, policy, env_pre, env_post, loaded.preprocessor, loaded.postprocessor,
+                    variant=variant, tasks=tasks, seed=seed, rules=rules, vocabulary=vocabulary,
+                    n_episodes=episodes, start_seed=seed)
         finally:
             vec.close()
-        successes = [bool(e["success"]) for e in info["per_episode"]]
-        report.per_variant[variant] = {
-            "episodes": len(successes),
-            "success_rate": sum(successes) / len(successes) if successes else 0.0,
-            "successes": successes,
-            "retargeted": sum(h["scored_task"] != h["original"] for h in history),
-            "tokens_checked": checked,
-            "instructions": history,
-        }
     return report
+
+
+def rollout_with_override(eval_policy: Callable[..., dict], vec: Any, policy: Any, env_pre: Any, env_post: Any,
+                          preprocessor: Any, postprocessor: Any, *, variant: str, tasks: Sequence[str], seed: int,
+                          rules: ParaphraseRules = DEFAULT_PARAPHRASE_RULES, vocabulary: Sequence[str] | None = None,
+                          **eval_kwargs: Any) -> dict[str, Any]:
+    """Run LeRobot's ``eval_policy`` on ``vec`` with every sub-env overridden and the delivery guard on.
+
+    Returns the variant's closed-loop record (``episodes``, ``success_rate``, ``successes``,
+    ``retargeted``, ``tokens_checked``, ``instructions``) with LeRobot's own result under
+    ``"lerobot"`` removed (callers that need it get it from :data:`LAST_EVAL_INFO`).
+
+    :raises AptConfigError: ``vec`` is not a ``SyncVectorEnv`` (the sub-envs must be reachable).
+    :raises NoLanguageInputError: the policy takes no instruction.
+    :raises InstructionNotDeliveredError: the override did not reach the policy.
+    """
+    import torch
+    from lerobot.envs.utils import preprocess_observation
+
+    from ...errors import NoLanguageInputError
+    from .runner import _PROBE_INSTRUCTION, language_keys, record_policy_inputs
+
+    if not isinstance(vec, gym.vector.SyncVectorEnv):
+        raise AptConfigError("eval.use_async_envs", True, "the instruction override wraps each sub-env in this "
+                             "process; run with --eval.use_async_envs=false.")
+    for i, sub in enumerate(vec.envs):
+        if not isinstance(sub, InstructionOverride):
+            vec.envs[i] = InstructionOverride(sub, variant, tasks, seed, rules, vocabulary)
+    # The language inputs, from one real observation of this env: the batch keys the instruction changes.
+    obs, _ = vec.reset(seed=[seed + i for i in range(vec.num_envs)])
+    raw = env_pre(preprocess_observation(obs))
+    raw.pop("task", None)
+    first = [e.original_instruction for e in vec.envs]
+    keys = language_keys(preprocessor, raw, [first, [""] * len(first), [_PROBE_INSTRUCTION] * len(first)])
+    if not keys:
+        raise NoLanguageInputError(repr(getattr(policy.config, "type", type(policy).__name__)),
+                                   f"its pre-processor produced the same model inputs for {first[0]!r}, '' and "
+                                   f"{_PROBE_INSTRUCTION!r}.")
+    for e in vec.envs:
+        e.history.clear()
+    guard = DeliveryGuard(preprocessor, keys, vec)
+    with record_policy_inputs(policy, keys, methods=("select_action",)) as seen, torch.no_grad():
+        info = eval_policy(vec, policy, env_pre, env_post, guard.preprocessor, postprocessor, **eval_kwargs)
+    checked = guard.check(seen, variant)
+    LAST_EVAL_INFO[:] = [info]
+    history = [h for e in vec.envs for h in e.history]
+    successes = [bool(e["success"]) for e in info["per_episode"]]
+    return {
+        "episodes": len(successes),
+        "success_rate": sum(successes) / len(successes) if successes else 0.0,
+        "successes": successes,
+        "retargeted": sum(h["scored_task"] != h["original"] for h in history[: len(successes)]),
+        "tokens_checked": checked,
+        "instructions": history[: len(successes)],
+    }
+
+
+#: LeRobot's own ``eval_policy`` result of the latest :func:`rollout_with_override` call.
+LAST_EVAL_INFO: list[dict[str, Any]] = []
+
+
+# ------------------------------------------------------------------ inside the lerobot-eval binary
+_INSTALLED: dict[str, Any] = {}
+
+
+def settings_from_environment(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The override settings from ``APT_EVAL_INSTRUCTION*``.
+
+    :raises AptConfigError: the variant is missing or unknown, the seed is not an integer, or the
+        task list is not a JSON list of strings.
+    """
+    environ = os.environ if environ is None else environ
+    variant = environ.get("APT_EVAL_INSTRUCTION")
+    if not variant:
+        raise AptConfigError("APT_EVAL_INSTRUCTION", variant, f"set it to one of {', '.join(VARIANTS)}.")
+    validate_variants([variant])
+    try:
+        seed = int(environ.get("APT_EVAL_INSTRUCTION_SEED", "0"))
+    except ValueError:
+        raise AptConfigError("APT_EVAL_INSTRUCTION_SEED", environ["APT_EVAL_INSTRUCTION_SEED"],
+                             "use an integer.") from None
+    tasks_text = environ.get("APT_EVAL_INSTRUCTION_TASKS")
+    if tasks_text:
+        try:
+            tasks = json.loads(tasks_text)
+        except json.JSONDecodeError:
+            tasks = None
+        if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise AptConfigError("APT_EVAL_INSTRUCTION_TASKS", tasks_text,
+                                 'use a JSON list of instructions, e.g. ["pick the red block", "pick the blue block"].')
+    else:
+        from ..data import TASKS
+
+        tasks = list(TASKS)
+    return {"variant": variant, "seed": seed, "tasks": tasks, "log": environ.get("APT_EVAL_INSTRUCTION_LOG")}
+
+
+def install_lerobot_eval_override(settings: dict[str, Any] | None = None) -> None:
+    """Patch ``lerobot_eval.eval_policy`` so every evaluated env runs with the override and the guard."""
+    from lerobot.scripts import lerobot_eval
+
+    from .runner import tokenizer_vocabulary
+
+    if _INSTALLED:
+        return
+    settings = settings or settings_from_environment()
+    original = lerobot_eval.eval_policy
+
+    def eval_policy(env, policy, env_preprocessor, env_postprocessor, preprocessor, postprocessor, n_episodes,
+                    **kwargs):
+        record = rollout_with_override(
+            original, env, policy, env_preprocessor, env_postprocessor, preprocessor, postprocessor,
+            variant=settings["variant"], tasks=settings["tasks"], seed=settings["seed"],
+            vocabulary=tokenizer_vocabulary(preprocessor), n_episodes=n_episodes, **kwargs)
+        if settings["log"]:
+            with open(settings["log"], "a") as f:
+                f.write(json.dumps({"variant": settings["variant"], **record}) + "\n")
+        return LAST_EVAL_INFO[0]
+
+    lerobot_eval.eval_policy = eval_policy
+    _INSTALLED["eval_policy"] = original
