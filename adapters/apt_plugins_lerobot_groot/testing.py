@@ -222,6 +222,20 @@ class GrootConformanceKit(LeRobotConformanceKit):
         state = dict(batch, state=-batch["state"])
         return {"image": image, "state": state}
 
+    def cli_workspace(self, root: Path) -> Any:
+        """The Cosmos-Reason2 processor fixture and a tiny base model under ``root``, for lerobot-train & co.
+
+        See :class:`apt_plugins.testing.cli.CliWorkspace`. No plugin: the saved config names the base model.
+        """
+        from apt_plugins.testing.cli import CliWorkspace
+
+        write_cosmos_fixture(Path(root) / "hub")
+        base = write_tiny_groot(Path(root) / "base" / "groot")
+        args = ["--policy.device=cpu", "--policy.push_to_hub=false", "--policy.chunk_size=4",
+                "--policy.n_action_steps=4", "--policy.max_state_dim=8", "--policy.max_action_dim=8",
+                "--policy.use_bf16=false", f"--policy.base_model_path={base}"]
+        return CliWorkspace(env={"HF_HUB_CACHE": str(Path(root) / "hub")}, policy_args=args)
+
     def set_gradient_checkpointing(self, policy: Any, enabled: bool) -> None:
         # LeRobot's DiT has the flag but never reads it; the APT DiT loop checkpoints per block.
         policy._groot_model.action_head.model.gradient_checkpointing = enabled

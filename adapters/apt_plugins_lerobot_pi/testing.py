@@ -190,6 +190,27 @@ class PiConformanceKit(LeRobotConformanceKit):
         else:
             policy.model.gradient_checkpointing_disable()
 
+    # ------------------------------------------------------------------ CLI runs
+    def cli_workspace(self, root: Path) -> Any:
+        """The tokenizer fixture and the tiny-model plugin under ``root``, for lerobot-train & co.
+
+        See :class:`apt_plugins.testing.cli.CliWorkspace`.
+        """
+        from apt_plugins.testing.cli import CliWorkspace
+
+        write_tokenizer_fixture(Path(root) / "hub")
+        plugin = write_tiny_plugin(Path(root) / "plugins")
+        return CliWorkspace(env={"HF_HUB_CACHE": str(Path(root) / "hub"), "PYTHONPATH": str(Path(root) / "plugins")},
+                            policy_args=list(TINY_CLI_ARGS), plugin=plugin)
+
+
+#: ``--policy.*`` flags of a tiny ``lerobot-train --policy.type=[apt_]pi0[5]`` run (with the plugin loaded).
+#: 32 tokens hold pi0.5's longest synthetic prompt (task, 8 state bins, scaffolding): a truncated
+#: prompt loses state tokens depending on the task's length, which no language mask can undo.
+TINY_CLI_ARGS = ("--policy.device=cpu", "--policy.push_to_hub=false", "--policy.chunk_size=4",
+                 "--policy.n_action_steps=4", "--policy.max_state_dim=8", "--policy.max_action_dim=8",
+                 "--policy.image_resolution=[28,28]", "--policy.tokenizer_max_length=32")
+
 
 def probe_batch(config: Any, variant: str = "original", seed: int = 0, batch_size: int = 2, prompt_len: int = 16,
                 task_len: int = 8, vocab: int = TINY_VOCAB) -> dict[str, torch.Tensor]:

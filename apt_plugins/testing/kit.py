@@ -51,3 +51,8 @@ class ConformanceKit(Protocol):
     # Optional: ``error_cases() -> list[dict]`` with ``{"error": AptError subclass, "match": regex,
     # "trigger": callable}`` entries for adapter-specific documented errors; the documented-errors
     # check raises each one. Not part of the runtime-checkable protocol so kits may omit it.
+    #
+    # Optional (LeRobot kits): ``cli_workspace(root) -> apt_plugins.testing.cli.CliWorkspace``, the
+    # fixtures a subprocess needs to build the tiny policies (hub cache, base model, plugin) and the
+    # ``--policy.*`` flags that size them. Every registered LeRobot adapter runs through
+    # tests/test_parity_cli.py and tests/test_parity_deepspeed.py with it; a kit without it fails there.
