@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import AptConfigError
 
+#: Default :attr:`AptConfig.gate_lr_multiplier` (measured in docs/repro.md, "Gates that learn").
+GATE_LR_MULTIPLIER = 100.0
+
 __all__ = ["AptConfig", "AptSettings", "settings_dataclass"]
 
 
@@ -44,6 +47,12 @@ class AptConfig(BaseModel):
     )
     vlm_weight_decay: float = Field(1e-10, ge=0, description="Weight decay of the VLM group (paper: 1e-10).")
     fusion_lr_multiplier: float = Field(1.0, gt=0, description="Fusion-layer learning rate = base lr x this.")
+    gate_lr_multiplier: float = Field(
+        GATE_LR_MULTIPLIER,
+        gt=0,
+        description="Gate-logit learning rate = fusion lr x this (own optimizer group, no weight decay). "
+        "At 1 the gates barely move: the zero-initialised output projection learns the same scale faster.",
+    )
     gate_granularity: Literal["scalar", "channel"] = Field(
         "channel", description="One gate logit per fusion layer ('scalar', paper text) or per channel (paper code)."
     )

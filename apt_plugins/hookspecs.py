@@ -93,8 +93,9 @@ def apt_param_groups(
 
     Stops at first non-None result, see firstresult. The built-in implementation runs last and
     returns only trainable parameters in non-empty, named groups: the action expert at ``base_lr``,
-    the fusion layers at ``base_lr * fusion_lr_multiplier``, the VLM (full or LoRA) at
-    ``base_lr * vlm_lr_multiplier`` with ``vlm_weight_decay``; gates, norms and biases (every
+    the fusion layers at ``base_lr * fusion_lr_multiplier``, their gate logits in ``fusion_gate`` at
+    that rate times ``gate_lr_multiplier`` (weight decay 0), the VLM (full or LoRA) at
+    ``base_lr * vlm_lr_multiplier`` with ``vlm_weight_decay``; norms and biases (every other
     parameter with fewer than two dimensions) go to ``*_no_decay`` twins with weight decay 0.
 
     Called by :func:`apt_plugins.param_groups`, which the APT policies' ``get_optim_params`` use.

@@ -25,6 +25,7 @@ __all__ = [
     "classify_parameters",
     "default_param_groups",
     "freeze_module",
+    "is_gate_logit",
 ]
 
 _STATE_ATTR = "_apt_state"
@@ -175,6 +176,11 @@ def classify_parameters(policy: Any, adapter: Adapter) -> dict[str, str]:
     return result
 
 
+def is_gate_logit(name: str) -> bool:
+    """Whether a parameter name is a fusion gate's logit (a :class:`~apt_plugins.SigmoidGate`'s ``logit``)."""
+    return name == "gate.logit" or name.endswith(".gate.logit")
+
+
 def _is_lora(name: str) -> bool:
     return ".lora_" in name
 
@@ -225,7 +231,7 @@ def _apply_trainability(policy: Any, adapter: Adapter, config: AptConfig, groups
         if params and not any(p.requires_grad for p in params):
             freeze_module(module)
             frozen.append(path)
-    fusion = sum(1 for n in groups if groups[n] == "fusion" and n.endswith("gate.logit"))
+    fusion = sum(1 for n in groups if groups[n] == "fusion" and is_gate_logit(n))
     return StageReport(
         adapter=adapter.name,
         stage=config.stage,
@@ -260,9 +266,13 @@ def default_param_groups(
     policy: Any, config: AptConfig, groups: dict[str, str], base_lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
     """The built-in optimizer grouping (see the ``apt_param_groups`` hook for the rules)."""
+    fusion_lr = base_lr * config.fusion_lr_multiplier
     settings = {
         "action_expert": (base_lr, weight_decay),
-        "fusion": (base_lr * config.fusion_lr_multiplier, weight_decay),
+        "fusion": (fusion_lr, weight_decay),
+        # Gate logits get their own rate: at the fusion rate they barely move, because the
+        # zero-initialised output projection grows the same scale faster (docs/repro.md).
+        "fusion_gate": (fusion_lr * config.gate_lr_multiplier, 0.0),
         "vlm": (base_lr * config.vlm_lr_multiplier, config.vlm_weight_decay),
     }
     buckets: dict[str, list[Any]] = {}
@@ -276,7 +286,10 @@ def default_param_groups(
                 apt_state(policy).adapter.name if apt_state(policy) else type(policy).__name__,
                 f"parameter {name!r} in group {group!r} is trainable but has no optimizer group.",
             )
-        key = family if param.ndim >= 2 else f"{family}_no_decay"
+        if family == "fusion" and is_gate_logit(name):
+            key = "fusion_gate"
+        else:
+            key = family if param.ndim >= 2 else f"{family}_no_decay"
         buckets.setdefault(key, []).append(param)
     result = []
     for key, params in buckets.items():

@@ -58,6 +58,17 @@ NOTES: dict[str, str] = {
         "Stage 2 only (the fusion group does not exist in Stage 1). Groups `fusion` and "
         "`fusion_no_decay`; the gate logits and the fusion norm weights are 1-D and get no weight decay."
     ),
+    "gate_lr_multiplier": (
+        "Stage 2 only. The gate logits form their own optimizer group `fusion_gate` (weight decay 0) "
+        "at `base_lr * fusion_lr_multiplier * gate_lr_multiplier`. A gate multiplies a zero-initialised "
+        "output projection, so at step 0 its gradient is exactly zero and afterwards the projection "
+        "can grow the same scale: at the fusion learning rate (`1`) Adam moves a logit by at most about "
+        "the learning rate per step and the gates stay near `sigmoid(gate_init_logit)` (0.500 -> 0.499 "
+        "in the CPU reproduction), so they say nothing about how much language a layer lets in. The "
+        "default 100 makes them move as a logged control; the measurement is in "
+        "[repro.md](repro.md#gates-that-learn). It changes nothing at step 0: Stage-2 step-0 equality "
+        "still holds exactly."
+    ),
     "gate_granularity": (
         "Stage 2 only. `'channel'`: the gate logit has shape `(width,)`, one value per channel of the "
         "action stream. `'scalar'`: shape `()`. The shapes differ, so a checkpoint trained with one "

@@ -123,10 +123,14 @@ def test_optimizer_groups_follow_the_paper_recipe():
     policy = kit.build(AptConfig(stage=2, vlm_mode="full"))
     groups = {g["name"]: g for g in policy.get_optim_params()}
     base = policy.config.optimizer_lr
-    assert set(groups) == {"action_expert", "action_expert_no_decay", "fusion", "fusion_no_decay", "vlm", "vlm_no_decay"}
+    assert set(groups) == {"action_expert", "action_expert_no_decay", "fusion", "fusion_no_decay", "fusion_gate",
+                           "vlm", "vlm_no_decay"}
     assert groups["vlm"]["lr"] == pytest.approx(base * 0.1) and groups["vlm"]["weight_decay"] == 1e-10
     gate_ids = {id(p) for n, p in policy.named_parameters() if n.endswith("gate.logit")}
-    assert gate_ids <= {id(p) for p in groups["fusion_no_decay"]["params"]}
+    # the gates learn at their own rate (gate_lr_multiplier), without weight decay
+    assert gate_ids == {id(p) for p in groups["fusion_gate"]["params"]}
+    assert groups["fusion_gate"]["lr"] == pytest.approx(base * AptConfig().gate_lr_multiplier)
+    assert groups["fusion_gate"]["weight_decay"] == 0.0
     assert all(g["weight_decay"] == 0.0 for n, g in groups.items() if n.endswith("_no_decay"))
     stage1 = {g["name"] for g in kit.build(AptConfig(stage=1)).get_optim_params()}
     assert stage1 == {"action_expert", "action_expert_no_decay"}

@@ -261,24 +261,26 @@ def test_param_groups_stage2_full(plugin, adapter):
     base_lr, wd = 1e-3, 0.01
     groups = param_groups(policy, base_lr, wd)
     by_name = {g["name"]: g for g in groups}
-    assert set(by_name) == {"action_expert", "action_expert_no_decay", "fusion", "fusion_no_decay", "vlm",
-                            "vlm_no_decay"}
+    assert set(by_name) == {"action_expert", "action_expert_no_decay", "fusion", "fusion_no_decay", "fusion_gate",
+                            "vlm", "vlm_no_decay"}
     assert len(by_name) == len(groups)
     for name, g in by_name.items():
         assert g["params"], name
         if name.endswith("_no_decay"):
             assert g["weight_decay"] == 0.0
             assert all(p.ndim < 2 for p in g["params"])
-        else:
+        elif name != "fusion_gate":  # gate logits are 1-D (channel) or 0-D (scalar)
             assert all(p.ndim >= 2 for p in g["params"])
     assert by_name["action_expert"]["lr"] == base_lr and by_name["action_expert"]["weight_decay"] == wd
     assert by_name["fusion"]["lr"] == pytest.approx(base_lr * 2.0) and by_name["fusion"]["weight_decay"] == wd
     assert by_name["vlm"]["lr"] == pytest.approx(base_lr * 0.1)
     assert by_name["vlm_no_decay"]["lr"] == pytest.approx(base_lr * 0.1)
     assert by_name["vlm"]["weight_decay"] == 1e-10
-    # gates go to fusion_no_decay
+    # gates get their own group: fusion lr x gate_lr_multiplier, no weight decay
     gate_ids = {id(f.gate.logit) for f in policy.expert.apt_fusion}
-    assert gate_ids <= {id(p) for p in by_name["fusion_no_decay"]["params"]}
+    assert gate_ids == {id(p) for p in by_name["fusion_gate"]["params"]}
+    assert by_name["fusion_gate"]["lr"] == pytest.approx(base_lr * 2.0 * cfg.gate_lr_multiplier)
+    assert by_name["fusion_gate"]["weight_decay"] == 0.0
     # exactly the trainable parameters, each once
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
@@ -288,6 +290,16 @@ def test_param_groups_stage2_full(plugin, adapter):
     opt = torch.optim.AdamW(groups, lr=base_lr)
     policy.expert.out(policy.vlm.proj(torch.randn(2, WIDTH))).sum().backward()
     opt.step()
+
+
+def test_gate_lr_multiplier_sets_only_the_gate_rate(plugin, adapter):
+    policy = ToyPolicy()
+    prepare_stage(policy, AptConfig(stage=2, gate_lr_multiplier=7.0), adapter=adapter)
+    by_name = {g["name"]: g for g in param_groups(policy, 1e-3, 0.01)}
+    assert by_name["fusion_gate"]["lr"] == pytest.approx(7e-3)
+    assert by_name["fusion"]["lr"] == pytest.approx(1e-3) and by_name["fusion_no_decay"]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(AptConfigError, match=r"apt\.gate_lr_multiplier=0\.0.*greater than 0"):
+        AptConfig(stage=2, gate_lr_multiplier=0.0)
 
 
 def test_param_groups_stage1_only_the_expert(plugin, adapter):
