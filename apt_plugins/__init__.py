@@ -7,6 +7,7 @@ Public API (everything an adapter or a user needs; in-tree adapters use nothing 
 - stages: :func:`prepare_stage`, :func:`param_groups`, :func:`apt_state`, :func:`gate_statistics`
 - checkpoints: :func:`load_state_dict_strict`, :func:`read_manifest`, :func:`write_manifest`,
   :func:`fingerprint`
+- training speed: :class:`PrefixCache` (the ``apt.prefix_cache`` store)
 - modules (torch, imported lazily): :class:`GatedCrossAttention`, :class:`SigmoidGate`,
   :class:`RMSNorm`, :func:`block_language`
 - errors: :class:`AptError` and its subclasses.
@@ -32,6 +33,7 @@ from .errors import (
     LanguageMaskError,
     NoAdapterFoundError,
     PluginHookError,
+    PrefixCacheError,
     UnknownAdapterError,
 )
 from .hookspecs import hookimpl
@@ -55,6 +57,8 @@ __all__ = [
     "LoadReport",
     "NoAdapterFoundError",
     "PluginHookError",
+    "PrefixCache",
+    "PrefixCacheError",
     "RMSNorm",
     "SigmoidGate",
     "StageReport",
@@ -80,6 +84,7 @@ _LAZY = {
     "SigmoidGate": "gating",
     "RMSNorm": "gating",
     "block_language": "masks",
+    "PrefixCache": "prefix_cache",
 }
 
 

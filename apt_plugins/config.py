@@ -93,6 +93,24 @@ class AptConfig(BaseModel):
         description="Fingerprint every frozen tensor when training starts and check the fingerprints at every "
         "checkpoint; refuse to write a checkpoint if any frozen tensor changed.",
     )
+    prefix_cache: str | None = Field(
+        None,
+        description="Cache the frozen VLM prefix (per-layer keys/values) of every training frame and reuse it "
+        "across epochs: a directory path, or 'memory:<size>' (e.g. 'memory:8GB') for an in-process LRU "
+        "budget. None: off. Needs a frozen VLM (Stage 1, or Stage 2 with vlm_mode='frozen') and no image "
+        "augmentation.",
+    )
+    prefix_cache_dtype: Literal["bfloat16", "float16", "model"] = Field(
+        "bfloat16",
+        description="Storage dtype of prefix_cache entries. 'model': the dtype the keys/values are computed "
+        "in (exact: the cached loss equals the uncached one bit for bit); 'bfloat16'/'float16': half the "
+        "size of float32, relative error per stored element at most 2^-9 / 2^-11.",
+    )
+    attention: Literal["auto", "eager", "sdpa"] = Field(
+        "auto",
+        description="Attention kernel of the APT forward: 'eager' (LeRobot's own op for op), 'sdpa' (PyTorch "
+        "scaled_dot_product_attention), or 'auto': sdpa on CUDA, eager elsewhere.",
+    )
 
     def __init__(self, **data: Any) -> None:
         # Direct construction gets the same field/value/fix errors as AptConfig.parse().
@@ -128,7 +146,23 @@ class AptConfig(BaseModel):
             )
         if self.fusion_source_layers is not None and any(i < 0 for i in self.fusion_source_layers):
             raise ValueError("fusion_source_layers entries must be non-negative VLM layer indices.")
+        if self.prefix_cache is not None and self.vlm_mode != "frozen":
+            raise ValueError(
+                f"prefix_cache needs a frozen VLM, but vlm_mode={self.vlm_mode!r} changes the prefix at every "
+                "step. Use vlm_mode='frozen' or unset prefix_cache."
+            )
         return self
+
+    @field_validator("prefix_cache")
+    @classmethod
+    def _check_prefix_cache(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        if value.startswith("memory:"):
+            from .prefix_cache import parse_memory_budget
+
+            parse_memory_budget(value)  # raises ValueError with the accepted forms
+        return value
 
     # ------------------------------------------------------------------ boundary
     @classmethod
@@ -194,7 +228,8 @@ def _to_config_error(exc: ValidationError, data: dict[str, Any], prefix: str) ->
         )
     if not field:  # model-level rule (stage/vlm_mode)
         msg = err["msg"].removeprefix("Value error, ")
-        bad = "vlm_mode" if "vlm_mode" in msg else ("fusion_source_layers" if "fusion_source" in msg else "")
+        bad = "prefix_cache" if msg.startswith("prefix_cache") else (
+            "vlm_mode" if "vlm_mode" in msg else ("fusion_source_layers" if "fusion_source" in msg else ""))
         return AptConfigError(f"{prefix}.{bad}" if bad else prefix, data.get(bad) if bad else data, msg)
     value = err.get("input") if len(loc) > 1 else data.get(field, err.get("input"))
     allowed = _allowed(field)

@@ -55,9 +55,9 @@ class _PiAdapter(Adapter):
         }
 
     def bind_inputs(self, policy: Any, batch: dict[str, Any]) -> Any:
-        from .modeling import bind_task_mask
+        from .modeling import bind_batch_inputs
 
-        return bind_task_mask(policy.model, batch.get("observation.language.task_mask"))
+        return bind_batch_inputs(policy.model, batch)
 
     def inject(self, policy: Any, config: AptConfig) -> None:
         from .modeling import install

@@ -16,6 +16,11 @@ One code path serves training and cached inference:
 This equals LeRobot's joint training pass (the prefix never attends to the suffix) while skipping
 all autograd work on a frozen VLM. Stage 1 is exactly blind to the instruction (content and
 length), and Stage 2 with closed gates reproduces Stage 1 bit for bit.
+
+With ``apt.prefix_cache`` set and the VLM frozen, step 1 is looked up per frame in a
+:class:`~apt_plugins.PrefixCache` (keyed by the frame's prefix inputs and the frozen weights) and
+only the frames not yet cached run through the VLM. ``apt.attention`` picks the attention kernel
+(LeRobot's eager op, or PyTorch SDPA).
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from lerobot.policies.pi_gemma import _gated_residual, layernorm_forward
 from torch import Tensor, nn
 from transformers.models.gemma import modeling_gemma
 
-from apt_plugins import AptConfig, GatedCrossAttention, LanguageMaskError
+from apt_plugins import AptConfig, GatedCrossAttention, LanguageMaskError, PrefixCache, PrefixCacheError
+from apt_plugins.prefix_cache import content_key
 
-__all__ = ["APTPI0Pytorch", "APTPI05Pytorch", "PrefixContext", "install", "fusion_layers", "bind_task_mask"]
+__all__ = ["APTPI0Pytorch", "APTPI05Pytorch", "PrefixContext", "install", "fusion_layers", "bind_task_mask",
+           "bind_batch_inputs", "prefix_cache_of"]
 
 
 @dataclass
@@ -76,13 +83,35 @@ def _split(keep: Tensor) -> tuple[Tensor, Tensor]:
     return index, keep.gather(1, index)
 
 
+def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask4d: Tensor, attention: str) -> Tensor:
+    """Multi-head attention of ``q`` over ``k``/``v`` under LeRobot's additive mask; ``(B, Q, H, D)`` out.
+
+    ``eager`` is transformers' ``eager_attention_forward`` (what LeRobot runs). ``sdpa`` is
+    ``F.scaled_dot_product_attention`` with the same additive mask: masked columns get the same
+    large finite negative, so a row whose every column is masked (padding slots of the compacted
+    prefix) stays finite, as in eager, and never turns into NaN that a later 0-weight would spread.
+    """
+    if attention == "eager":
+        out, _ = modeling_gemma.eager_attention_forward(attn, q, k, v, mask4d, scaling=attn.scaling)
+        return out
+    groups = q.shape[1] // k.shape[1]
+    k, v = modeling_gemma.repeat_kv(k, groups), modeling_gemma.repeat_kv(v, groups)
+    bias = mask4d
+    if bias.dtype != q.dtype:
+        low = torch.finfo(q.dtype).min
+        bias = bias.clamp(min=low).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, scale=attn.scaling)
+    return out.transpose(1, 2)
+
+
 def _layer(layer: nn.Module, hidden: Tensor, mask4d: Tensor, cos: Tensor, sin: Tensor, adarms: Tensor | None,
-           context: tuple[Tensor, Tensor] | None = None, kv_only: bool = False):
+           context: tuple[Tensor, Tensor] | None = None, kv_only: bool = False, attention: str = "eager"):
     """One Gemma decoder layer, pure (no cache mutation) so it can be checkpointed.
 
     Mirrors ``GemmaAttention`` + ``_PiGemmaDecoderLayerBase`` op for op. ``context`` keys/values are
     prepended to this layer's own. Returns ``(hidden_out, (k, v))``; with ``kv_only`` only the
     keys/values are computed (the last VLM layer feeds the expert through its K/V alone).
+    ``attention``: ``"eager"`` or ``"sdpa"`` (see :func:`_attend`).
     """
     attn = layer.self_attn
     normed, gate = layernorm_forward(layer.input_layernorm, hidden, adarms)
@@ -99,8 +128,7 @@ def _layer(layer: nn.Module, hidden: Tensor, mask4d: Tensor, cos: Tensor, sin: T
     if context is not None:
         k = torch.cat([context[0], k], dim=2)
         v = torch.cat([context[1], v], dim=2)
-    out, _ = modeling_gemma.eager_attention_forward(attn, q, k, v, mask4d, scaling=attn.scaling)
-    out = out.reshape(*normed.shape[:-1], -1)
+    out = _attend(attn, q, k, v, mask4d, attention).reshape(*normed.shape[:-1], -1)
     if out.dtype != attn.o_proj.weight.dtype:
         out = out.to(attn.o_proj.weight.dtype)
     hidden = _gated_residual(hidden, attn.o_proj(out), gate)
@@ -130,6 +158,13 @@ class APTPiMixin:
     def _apt_vlm_trains(self) -> bool:
         vlm = self.paligemma_with_expert.paligemma
         return any(p.requires_grad for p in vlm.parameters())
+
+    def _apt_attention(self, reference: Tensor) -> str:
+        """The attention kernel in force for tensors like ``reference`` (``auto``: sdpa on CUDA)."""
+        choice = self.apt_config.attention
+        if choice == "auto":
+            return "sdpa" if reference.device.type == "cuda" else "eager"
+        return choice
 
     def _apt_language_tokens(self, lang_masks: Tensor) -> Tensor:
         """(B, L) mask of the prompt tokens to hide: the task text, or the whole prompt."""
@@ -167,11 +202,19 @@ class APTPiMixin:
         when a fusion layer reads them, attending to the visible keys/values and to each other, as in
         the full prefix. Language not masked: one pass over the whole prefix, as LeRobot does.
         """
+        hidden_language = self._apt_language_tokens(lang_masks)
+        cache = self._apt_prefix_cache()
+        if cache is not None:
+            return self._apt_cached_prefix(cache, images, img_masks, lang_tokens, lang_masks, hidden_language)
+        return self._apt_compute_prefix(images, img_masks, lang_tokens, lang_masks, hidden_language)
+
+    def _apt_compute_prefix(self, images, img_masks, lang_tokens, lang_masks, hidden_language) -> PrefixContext:
+        """:meth:`_apt_prefix` without the cache; ``hidden_language``: the (B, L) prompt tokens to hide."""
         cfg = self.apt_config
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._apt_vlm_trains()):
             embs, pad, att = self.embed_prefix(images, img_masks, lang_tokens, lang_masks)
             language = torch.zeros_like(pad)
-            language[:, pad.shape[1] - lang_tokens.shape[1] :] = self._apt_language_tokens(lang_masks)
+            language[:, pad.shape[1] - lang_tokens.shape[1] :] = hidden_language
             att_2d = make_att_2d_masks(pad, att)
             lm = self.paligemma_with_expert.paligemma.model.language_model
             if lm.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16:
@@ -201,6 +244,7 @@ class APTPiMixin:
         """The VLM layers over ``embs`` (attending ``context`` keys/values first); per-layer K/V."""
         mask4d = prepare_attention_masks_4d(mask_2d)
         cos, sin = lm.rotary_emb(embs, positions)
+        attention = self._apt_attention(embs)
         hidden, kv = embs, []
         last = len(lm.layers) - 1
         checkpointing = self.gradient_checkpointing_enabled and self.training and torch.is_grad_enabled()
@@ -208,13 +252,87 @@ class APTPiMixin:
             ctx = context[i] if context is not None else None
             if checkpointing and i != last:
                 hidden, layer_kv = torch.utils.checkpoint.checkpoint(
-                    _layer, layer, hidden, mask4d, cos, sin, None, ctx, use_reentrant=False, preserve_rng_state=False
+                    _layer, layer, hidden, mask4d, cos, sin, None, ctx, False, attention,
+                    use_reentrant=False, preserve_rng_state=False,
                 )
             else:
                 # The last layer feeds the expert through its keys/values only.
-                hidden, layer_kv = _layer(layer, hidden, mask4d, cos, sin, None, ctx, kv_only=i == last)
+                hidden, layer_kv = _layer(layer, hidden, mask4d, cos, sin, None, ctx, kv_only=i == last,
+                                          attention=attention)
             kv.append(layer_kv)
         return kv
+
+    # ------------------------------------------------------------------ prefix cache
+    def _apt_prefix_cache(self) -> PrefixCache | None:
+        """The cache in force for this call: only in training with ``apt.prefix_cache`` set."""
+        cfg = self.apt_config
+        if cfg.prefix_cache is None or not self.training:
+            return None
+        if self._apt_vlm_trains():
+            raise PrefixCacheError(
+                "prefix_cache: some VLM parameters require gradients, so the prefix changes at every step. "
+                "Freeze the VLM (apt.vlm_mode='frozen') or unset apt.prefix_cache."
+            )
+        cache = self.__dict__.get("_apt_prefix_cache_store")
+        if cache is None or (cache.location, cache.dtype_name) != (cfg.prefix_cache, cfg.prefix_cache_dtype):
+            cache = PrefixCache(cfg.prefix_cache, cfg.prefix_cache_dtype)
+            self.__dict__["_apt_prefix_cache_store"] = cache
+        return cache
+
+    def _apt_prefix_keys(self, images, img_masks, lang_tokens, lang_masks, hidden_language):
+        """Per sample: the image key (for the augmentation guard) and the entry key.
+
+        The entry key covers exactly what the cached passes read: images and their masks, and the
+        visible prompt tokens (pi0.5's state); in Stage 2 (or with the mask lifted) the whole prompt,
+        because the language pass is cached too. Stage-1 keys never see the hidden instruction.
+        """
+        cfg = self.apt_config
+        compact = cfg.masks_language_in_inherited_layers
+        # One transfer per tensor, not per sample (no-ops on CPU).
+        images = [i.detach().cpu() for i in images]
+        img_masks = [m.detach().cpu().bool() for m in img_masks]
+        tokens, masks, hidden = lang_tokens.cpu(), lang_masks.cpu().bool(), hidden_language.cpu().bool()
+        layout = ("apt-pi-prefix-1", type(self).__name__, "compact" if compact else "full", cfg.stage,
+                  self._apt_attention(lang_tokens))
+        frame_keys, keys = [], []
+        for b in range(tokens.shape[0]):
+            frame = content_key(*(t for img, m in zip(images, img_masks, strict=True) for t in (img[b], m[b])))
+            if compact and cfg.stage == 1:
+                prompt = (tokens[b][masks[b] & ~hidden[b]],)
+            else:
+                prompt = (tokens[b], masks[b], hidden[b])
+            frame_keys.append(frame)
+            keys.append(content_key(*layout, frame, *prompt))
+        return frame_keys, keys
+
+    def _apt_cached_prefix(self, cache: PrefixCache, images, img_masks, lang_tokens, lang_masks,
+                           hidden_language) -> PrefixContext:
+        """:meth:`_apt_compute_prefix` through the cache: only frames not cached yet run the VLM.
+
+        Every result, fresh or cached, is assembled from the stored entries, so a frame gives the
+        same prefix in every epoch (with ``prefix_cache_dtype='model'``, the one the uncached pass
+        computes).
+        """
+        vlm = self.paligemma_with_expert.paligemma.model
+        namespace = cache.namespace([*vlm.parameters(), *vlm.buffers()])
+        frame_keys, keys = self._apt_prefix_keys(images, img_masks, lang_tokens, lang_masks, hidden_language)
+        frames = self.__dict__.get("_apt_frame_index")
+        if isinstance(frames, Tensor) and frames.numel() == len(keys):
+            cache.check_frames(frames.reshape(-1).tolist(), frame_keys)
+        entries = [cache.get(namespace, key) for key in keys]
+        missing = [b for b, entry in enumerate(entries) if entry is None]
+        compact = self.apt_config.masks_language_in_inherited_layers
+        if missing:
+            if len(missing) == len(keys):
+                fresh = self._apt_compute_prefix(images, img_masks, lang_tokens, lang_masks, hidden_language)
+            else:
+                idx = torch.tensor(missing, device=lang_tokens.device)
+                fresh = self._apt_compute_prefix([i[idx] for i in images], [m[idx] for m in img_masks],
+                                                 lang_tokens[idx], lang_masks[idx], hidden_language[idx])
+            for b, entry in zip(missing, _prefix_entries(fresh, compact), strict=True):
+                entries[b] = cache.put(namespace, keys[b], entry)
+        lm = vlm.language_model
+        return _assemble_prefix(entries, compact, lang_tokens.device, lm.layers[0].self_attn.k_proj.weight.dtype)
 
     # ------------------------------------------------------------------ suffix
     def _apt_suffix_embed(self, state, x_t, timestep):
@@ -232,6 +350,7 @@ class APTPiMixin:
         mask4d = prepare_attention_masks_4d(torch.cat([visible, make_att_2d_masks(pad, att)], dim=2))
         positions = prefix.offset[:, None] + torch.cumsum(pad, dim=1) - 1
         cos, sin = expert.rotary_emb(embs, positions)
+        attention = self._apt_attention(embs)
         fusion = self._modules.get("apt_fusion")
         sources = self.__dict__.get("_apt_fusion_sources")
         if fusion is not None:
@@ -242,7 +361,8 @@ class APTPiMixin:
             return (q * cos.unsqueeze(1)) + (modeling_gemma.rotate_half(q) * sin.unsqueeze(1))
 
         def block(hidden: Tensor, i: int) -> Tensor:
-            hidden, _ = _layer(expert.layers[i], hidden, mask4d, cos, sin, adarms, context=prefix.visible_kv[i])
+            hidden, _ = _layer(expert.layers[i], hidden, mask4d, cos, sin, adarms, context=prefix.visible_kv[i],
+                               attention=attention)
             if fusion is not None:
                 keys, values = fusion_kv[sources[i]]
                 hidden = fusion[i](hidden, keys, values, fusion_mask, rotate_queries=rotate)
@@ -321,6 +441,68 @@ class APTPiMixin:
                 "Call policy.predict_action_chunk / model.sample_actions instead."
             )
         return self._apt_velocity(past_key_values, state, x_t, timestep)
+
+
+def _prefix_entries(prefix: PrefixContext, compact: bool) -> list[dict[str, Tensor]]:
+    """Split a batch's prefix into one cache entry per sample (only its valid slots when compacted)."""
+    def stacked(kv):
+        return torch.stack([k for k, _ in kv], dim=1), torch.stack([v for _, v in kv], dim=1)  # (B, layers, KV, M, D)
+
+    vk, vv = stacked(prefix.visible_kv)
+    lk, lv = stacked(prefix.language_kv) if prefix.language_kv is not None else (None, None)
+    entries = []
+    for b in range(vk.shape[0]):
+        if not compact:  # one full pass at the stock layout: every slot, with its validity
+            entries.append({"visible_k": vk[b], "visible_v": vv[b], "visible": prefix.visible[b],
+                            "visible_is_language": prefix.visible_is_language[b]})
+            continue
+        n = int(prefix.visible[b].sum())  # compacted: the valid tokens come first
+        entry = {"visible_k": vk[b, :, :, :n], "visible_v": vv[b, :, :, :n]}
+        if lk is not None:
+            m = int(prefix.language[b].sum())
+            entry.update(language_k=lk[b, :, :, :m], language_v=lv[b, :, :, :m])
+        entries.append(entry)
+    return entries
+
+
+def _assemble_prefix(entries: list[dict[str, Tensor]], compact: bool, device: Any, dtype: torch.dtype) -> PrefixContext:
+    """The batch :class:`PrefixContext` of per-sample entries, laid out as the uncached pass lays it out.
+
+    Compacted slots beyond a sample's valid tokens hold zeros where the uncached pass holds values of
+    padding rows; both are masked with a finite negative, so their softmax weight is exactly 0.
+    """
+    def batch(name: str, width: int) -> Tensor:
+        rows = [F.pad(e[name], (0, 0, 0, width - e[name].shape[2])) for e in entries]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+    def per_layer(k: Tensor, v: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return [(k[:, i], v[:, i]) for i in range(k.shape[1])]
+
+    def valid(counts: list[int], width: int) -> Tensor:
+        return torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+
+    if not compact:
+        visible = torch.stack([e["visible"] for e in entries]).to(device)
+        width = visible.shape[1]
+        return PrefixContext(visible=visible, visible_kv=per_layer(batch("visible_k", width), batch("visible_v", width)),
+                             visible_is_language=torch.stack([e["visible_is_language"] for e in entries]).to(device),
+                             offset=visible.sum(dim=-1))
+    counts = [e["visible_k"].shape[2] for e in entries]
+    width = max(1, *counts)  # as _split: one (invalid) slot when nothing is visible
+    visible = valid(counts, width)
+    prefix = PrefixContext(visible=visible, visible_kv=per_layer(batch("visible_k", width), batch("visible_v", width)),
+                           visible_is_language=torch.zeros_like(visible), offset=visible.sum(dim=-1))
+    if "language_k" in entries[0]:
+        counts = [e["language_k"].shape[2] for e in entries]
+        width = max(1, *counts)
+        prefix.language = valid(counts, width)
+        prefix.language_kv = per_layer(batch("language_k", width), batch("language_v", width))
+    return prefix
+
+
+def prefix_cache_of(model: nn.Module) -> PrefixCache | None:
+    """The :class:`~apt_plugins.PrefixCache` an APT pi model has used so far (None before the first use)."""
+    return model.__dict__.get("_apt_prefix_cache_store")
 
 
 class APTPI0Pytorch(APTPiMixin, PI0Pytorch):
@@ -406,6 +588,20 @@ def install(model: nn.Module, config: AptConfig) -> None:
 def fusion_layers(model: nn.Module) -> Any:
     """The Stage-2 fusion layers of an APT pi model, or None in Stage 1."""
     return model._modules.get("apt_fusion")
+
+
+@contextlib.contextmanager
+def bind_batch_inputs(model: nn.Module, batch: dict[str, Any]):
+    """Hand one call's per-batch inputs to the model: the pi0.5 task mask and LeRobot's frame ``index``.
+
+    The frame index lets the prefix cache notice a frame whose images changed (augmentation).
+    """
+    model.__dict__["_apt_frame_index"] = batch.get("index")
+    try:
+        with bind_task_mask(model, batch.get("observation.language.task_mask")):
+            yield
+    finally:
+        model.__dict__.pop("_apt_frame_index", None)
 
 
 @contextlib.contextmanager
