@@ -84,8 +84,12 @@ class AptConfig(BaseModel):
     )
     lora_rank: int = Field(16, gt=0, description="LoRA rank for vlm_mode='lora' (paper code: 16).")
     lora_alpha: int = Field(16, gt=0, description="LoRA alpha for vlm_mode='lora' (paper code: 16).")
-    lora_targets: tuple[str, ...] | None = Field(
-        None, description="Module-name suffixes LoRA wraps in the VLM. None: the adapter's default."
+    lora_targets: tuple[str, ...] | str | None = Field(
+        None,
+        description="Which VLM language-model modules get LoRA, as peft's target_modules takes them: a list of "
+        "module-name suffixes ([q_proj,v_proj]) or one regex over whole module names ('.*\\.(q|v)_proj'), "
+        "relative to the language model. Modules the action path never uses are skipped. None: the "
+        "adapter's default.",
     )
 
     check_frozen: bool = Field(
@@ -118,6 +122,20 @@ class AptConfig(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise _to_config_error(exc, data, "apt") from None
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _check_lora_targets(cls, value: tuple[str, ...] | str | None) -> tuple[str, ...] | str | None:
+        import re
+
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression ({exc})") from None
+        elif value is not None and (not value or not all(value)):
+            raise ValueError("needs at least one non-empty module-name suffix")
+        return value
 
     @field_validator("stage", mode="before")
     @classmethod
@@ -242,7 +260,8 @@ def _plain_type(annotation: Any) -> Any:
     if typing.get_origin(annotation) is Literal:
         return type(typing.get_args(annotation)[0])
     # Frozen configs hold tuples; host configs get lists, which their JSON/CLI parsers handle best.
-    return {tuple[int, ...] | None: list[int] | None, tuple[str, ...] | None: list[str] | None}.get(annotation, annotation)
+    return {tuple[int, ...] | None: list[int] | None, tuple[str, ...] | None: list[str] | None,
+            tuple[str, ...] | str | None: list[str] | str | None}.get(annotation, annotation)
 
 
 def settings_dataclass(model: type[BaseModel] = AptConfig, name: str = "AptSettings") -> type:

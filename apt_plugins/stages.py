@@ -249,17 +249,18 @@ def _attach_lora(policy: Any, adapter: Adapter, config: AptConfig) -> None:
         raise AptConfigError(
             "apt.vlm_mode", "lora", "LoRA needs peft: pip install 'apt-plugins[lerobot]' (or pip install peft)."
         ) from exc
-    path, targets = adapter.lora_targets(policy, config)
-    lm = policy.get_submodule(path)
+    from .lora import resolve_lora_targets
+
+    # peft's own matching, minus the modules the action path never uses, as explicit names.
+    targets = resolve_lora_targets(policy, adapter, config)
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=0.0,
         bias="none",
-        # A str is a regex over full module names (peft semantics); a list holds name suffixes.
-        target_modules=(lambda t: t if isinstance(t, str) else list(t))(config.lora_targets or targets),
+        target_modules=targets.modules,
     )
-    inject_adapter_in_model(lora, lm)
+    inject_adapter_in_model(lora, policy.get_submodule(targets.path))
 
 
 def default_param_groups(

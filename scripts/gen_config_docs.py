@@ -120,12 +120,18 @@ NOTES: dict[str, str] = {
     "lora_rank": "Read only with `vlm_mode='lora'`. Paper code: 16.",
     "lora_alpha": "Read only with `vlm_mode='lora'`. Paper code: 16. LoRA dropout is 0 and biases are not adapted.",
     "lora_targets": (
-        "Read only with `vlm_mode='lora'`; stored as a tuple, lists are accepted. Suffixes are matched by peft (`target_modules`) inside the "
-        "adapter's language-model module only. The pi0/pi0.5 default is a regular expression: every "
-        "`q/k/v/o_proj` and `gate/up/down_proj` of every language-model layer except the last, plus "
-        "the last layer's `k_proj` and `v_proj`. A suffix list such as `['q_proj', 'v_proj']` also "
-        "wraps the last layer's `q_proj`; those LoRA tensors fall into the `unused` group and stay "
-        "frozen."
+        "Read only with `vlm_mode='lora'`. Exactly what peft's `target_modules` takes: a list of "
+        "module-name suffixes (stored as a tuple; `--policy.apt.lora_targets=[q_proj,v_proj]`) or one "
+        "regex string matched against whole module names (`--policy.apt.lora_targets='.*self_attn\\.(q|v)_proj'`), "
+        "names relative to the adapter's language-model module. The match is peft's own; then every "
+        "module in the adapter's `unused` group is dropped, so no LoRA tensor sits where the actions "
+        "never reach (with `[q_proj, v_proj]` the last layer's `q_proj` gets none). The pi0/pi0.5 "
+        "and SmolVLA default is a regular expression: every `q/k/v/o_proj` and `gate/up/down_proj` of "
+        "every language-model layer except the last, plus the last layer's `k_proj` and `v_proj`; GR00T "
+        "defaults to the suffix list of every attention and MLP projection (its head reads the last "
+        "layer's output). Targets that match "
+        "nothing, or only unused modules, raise `AptConfigError` naming `apt.lora_targets`. Note that a "
+        "plain word is a regex too: `q_proj` alone matches no module; write `[q_proj]`."
     ),
     "check_frozen": (
         "Read by the LeRobot APT policy types. The fingerprints (SHA-256 of dtype, shape and bytes of "
