@@ -172,16 +172,25 @@ def tokenizer_vocabulary(preprocessor: Any, limit: int = 2000) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- dataset
-def _open_dataset(dataset: Any, root: str | Path | None, chunk: int):
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+def _dataset_id(dataset: Any, root: str | Path | None) -> tuple[str, str | Path | None]:
+    if isinstance(dataset, (str, Path)):
+        return str(dataset), root
+    return dataset.repo_id, root or dataset.root
 
-    if isinstance(dataset, (str, Path)) and not isinstance(dataset, LeRobotDataset):
-        repo_id = str(dataset)
-    else:
-        repo_id, root = dataset.repo_id, root or dataset.root
-    meta = LeRobotDatasetMetadata(repo_id, root=root)
-    deltas = {"action": [i / meta.fps for i in range(chunk)]}
-    return LeRobotDataset(repo_id, root=root, delta_timestamps=deltas)
+
+def _dataset_meta(dataset: Any, root: str | Path | None):
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    return LeRobotDatasetMetadata(*_dataset_id(dataset, root))
+
+
+def _open_dataset(dataset: Any, root: str | Path | None, chunk: int):
+    """The dataset with ``chunk`` future actions per frame (the ground-truth chunk)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    repo_id, root = _dataset_id(dataset, root)
+    meta = _dataset_meta(repo_id, root)
+    return LeRobotDataset(repo_id, root=root, delta_timestamps={"action": [i / meta.fps for i in range(chunk)]})
 
 
 def _sample_frames(ds: Any, frames: int, pool_per_task: int, seed: int) -> tuple[list[int], dict[int, list[int]]]:
@@ -234,6 +243,99 @@ def _nearest(query: dict[str, Any], candidates: list[tuple[int, dict[str, Any]]]
     return best
 
 
+def _raw_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The observation keys of dataset items, stacked (no action: the policy predicts it)."""
+    import torch
+
+    raw: dict[str, Any] = {}
+    for key, value in items[0].items():
+        if key.startswith("observation.") and isinstance(value, torch.Tensor):
+            stacked = torch.stack([it[key] for it in items])
+            raw[key] = stacked.float() / 255 if stacked.dtype == torch.uint8 else stacked
+    return raw
+
+
+def _run_variants(loaded: LoadedPolicy, raw: dict[str, Any], texts: dict[str, list[str]], keys: list[str],
+                  device: str, noise_seed: int) -> dict[str, tuple[Any, list[tuple]]]:
+    """Post-processed action chunks and per-sample token signatures, per variant (plus ``reference``).
+
+    Every pass seeds the sampling noise identically, so the instruction is the only difference.
+    """
+    import torch
+
+    out: dict[str, tuple[Any, list[tuple]]] = {}
+    rows = len(next(iter(texts.values())))
+    # The first pass is the reference every variant is compared with; "original" re-runs it.
+    for label, variant in (("reference", "original"), *((v, v) for v in texts)):
+        batch = loaded.preprocessor({**raw, "task": list(texts[variant])})
+        obs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+               if k not in ("action", "action_is_pad")}
+        with record_policy_inputs(loaded.policy, keys) as seen, torch.no_grad():
+            torch.manual_seed(noise_seed)
+            loaded.policy.reset()
+            predicted = loaded.policy.predict_action_chunk(obs)
+        actions = loaded.postprocessor(predicted).detach().float().cpu().numpy()
+        out[label] = (actions, [token_signature(seen[-1], keys, j) for j in range(rows)])
+    return out
+
+
+class _SwapMatcher:
+    """The swapped task's ground truth of a frame: the nearest frame of that task (all observation keys)."""
+
+    def __init__(self, ds: Any, pool: dict[int, list[int]], task_ids: dict[str, int]):
+        import torch
+
+        self.ds = ds
+        self.task_ids = task_ids
+        self.pool = {t: [(i, _observation_features(ds[i])) for i in idx] for t, idx in pool.items()}
+        every = [f for rows in self.pool.values() for _, f in rows]
+        self.spreads = {key: max(float(torch.stack([f[key] for f in every]).var(dim=0).mean()), 1e-12)
+                        for key in every[0]}
+
+    def __call__(self, item: dict[str, Any], task: str) -> tuple[int, Any]:
+        index = _nearest(_observation_features(item), self.pool[self.task_ids[task]], self.spreads)
+        return index, self.ds[index]["action"].float().numpy()
+
+
+def _frame_record(item: dict[str, Any], index: int, row: int, original: str, texts: dict[str, list[str]],
+                  outputs: dict[str, tuple[Any, list[tuple]]], scale: Any, matcher: _SwapMatcher | None) -> dict:
+    """One frame's record (``frames[]`` in the JSON report), after the token-delivery check."""
+    base_actions, base_signatures = outputs["reference"]
+    gt = item["action"].float().numpy()
+    valid = ~item["action_is_pad"].numpy() if "action_is_pad" in item else None
+    steps, dims = min(gt.shape[0], base_actions.shape[1]), min(gt.shape[-1], base_actions.shape[-1])
+    gt, scale = gt[:steps, :dims], scale[:dims]
+    valid = valid[:steps] if valid is not None else None
+    base = base_actions[row, :steps, :dims]
+    record: dict[str, Any] = {"index": int(index), "episode": int(item["episode_index"]), "task": original,
+                              "instructions": {}, "divergence": {}, "gt_error": {}, "gt_error_swap": {},
+                              "tokens_changed": {}}
+    gt_swap = None
+    if matcher is not None:
+        record["swap_match_index"], gt_swap = matcher(item, texts["task_swap"][row])
+        gt_swap = gt_swap[:steps, :dims]
+    for variant, variant_texts in texts.items():
+        text = variant_texts[row]
+        actions, signatures = outputs[variant]
+        changed = signatures[row] != base_signatures[row]
+        if text.strip() != original.strip() and not changed:
+            raise InstructionNotDeliveredError(
+                variant, original, text, f"dataset frame {index}",
+                "The pre-processor maps both to the same tokens: the instruction may be truncated "
+                "(raise the tokenizer's max length) or made only of unknown words (extend the "
+                "paraphrase rules with words the tokenizer knows).")
+        a = actions[row, :steps, :dims]
+        record["instructions"][variant] = text
+        record["tokens_changed"][variant] = bool(changed)
+        record["divergence"][variant] = normalised_rms(a, base, scale, valid)
+        record["gt_error"][variant] = normalised_rms(a, gt, scale, valid)
+        if gt_swap is not None:
+            record["gt_error_swap"][variant] = normalised_rms(a, gt_swap, scale, valid)
+    if gt_swap is not None:
+        record["follow"] = follow_score(base, outputs["task_swap"][0][row, :steps, :dims], gt, gt_swap, scale, valid)
+    return record
+
+
 def _progress(total: int, desc: str, enabled: bool | None):
     from tqdm import tqdm
 
@@ -284,7 +386,6 @@ def evaluate_language(
     :raises AptConfigError: a bad argument (the field, the value and the fix are named).
     """
     import numpy as np
-    import torch
 
     if frames < 1:
         raise AptConfigError("frames", frames, "evaluate at least one frame.")
@@ -299,11 +400,10 @@ def evaluate_language(
 
         rules = load_paraphrase_rules(paraphrase_rules)
 
-    stats_ds = None
+    stats = None
     if not isinstance(policy_or_path, (str, Path, LoadedPolicy)):
-        stats_ds = _open_dataset(dataset, dataset_root, 1)
-    loaded = _as_loaded(policy_or_path, stats_ds.meta.stats if stats_ds is not None else None, device,
-                        preprocessor, postprocessor, name)
+        stats = _dataset_meta(dataset, dataset_root).stats
+    loaded = _as_loaded(policy_or_path, stats, device, preprocessor, postprocessor, name)
     policy = loaded.policy
     policy.to(device)
     policy.eval()
@@ -322,102 +422,31 @@ def evaluate_language(
         skipped["task_swap"] = "the dataset has one task; there is no other task to swap in"
         chosen = tuple(v for v in chosen if v != "task_swap")
 
-    def raw_batch(batch_items: list[dict[str, Any]]) -> dict[str, Any]:
-        raw: dict[str, Any] = {}
-        for key, value in batch_items[0].items():
-            if key.startswith("observation.") and isinstance(value, torch.Tensor):
-                stacked = torch.stack([it[key] for it in batch_items])
-                raw[key] = stacked.float() / 255 if stacked.dtype == torch.uint8 else stacked
-        return raw
-
     # The language inputs: what changes in the processed batch when only the instruction changes.
-    probe_raw = raw_batch(items[:1])
-    first = items[0]["task"]
-    keys = language_keys(loaded.preprocessor, probe_raw, [[first], [""], [_PROBE_INSTRUCTION]])
+    first = str(items[0]["task"])
+    keys = language_keys(loaded.preprocessor, _raw_batch(items[:1]), [[first], [""], [_PROBE_INSTRUCTION]])
     if not keys:
         raise NoLanguageInputError(
             repr(getattr(config, "type", type(policy).__name__)),
             f"its pre-processor produced the same model inputs for {first!r}, '' and {_PROBE_INSTRUCTION!r}.",
         )
     vocabulary = tokenizer_vocabulary(loaded.preprocessor)
-
-    # The swapped task's ground truth: the nearest frame (all observation keys) of that task.
-    pool_items = {t: [(i, _observation_features(ds[i])) for i in idx] for t, idx in pool.items()} if "task_swap" in chosen else {}
-    spreads: dict[str, float] = {}
-    if pool_items:
-        every = [f for rows in pool_items.values() for _, f in rows]
-        for key in every[0]:
-            spreads[key] = max(float(torch.stack([f[key] for f in every]).var(dim=0).mean()), 1e-12)
-    name_to_task_id = {v: k for k, v in task_names.items()}
+    matcher = _SwapMatcher(ds, pool, {v: k for k, v in task_names.items()}) if "task_swap" in chosen else None
 
     records: list[dict[str, Any]] = []
     bar = _progress(len(items), f"eval-language {loaded.name}", progress)
     try:
         for start in range(0, len(items), batch_size):
             batch_items = items[start:start + batch_size]
-            raw = raw_batch(batch_items)
+            indices = picks[start:start + batch_size]
             originals = [str(it["task"]) for it in batch_items]
-            texts: dict[str, list[str]] = {}
-            for variant in chosen:
-                texts[variant] = [make_variant(variant, text, random.Random(f"{seed}:{picks[start + j]}:{variant}"),
-                                               all_tasks, rules, vocabulary) for j, text in enumerate(originals)]
-            actions: dict[str, Any] = {}
-            signatures: dict[str, list[tuple]] = {}
-            reference = None
-            for variant in ("original", *chosen):  # the first pass is the reference the others are compared to
-                batch = loaded.preprocessor({**raw, "task": list(texts[variant])})
-                obs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
-                       if k not in ("action", "action_is_pad")}
-                with record_policy_inputs(policy, keys) as seen, torch.no_grad():
-                    torch.manual_seed(seed * 100_003 + start)
-                    policy.reset()
-                    predicted = policy.predict_action_chunk(obs)
-                out = loaded.postprocessor(predicted)
-                out = out.detach().float().cpu().numpy()
-                if reference is None:
-                    reference = (out, [token_signature(seen[-1], keys, j) for j in range(len(batch_items))])
-                    continue
-                actions[variant] = out
-                signatures[variant] = [token_signature(seen[-1], keys, j) for j in range(len(batch_items))]
-            base_actions, base_signatures = reference
+            texts = {variant: [make_variant(variant, text, random.Random(f"{seed}:{index}:{variant}"), all_tasks,
+                                            rules, vocabulary) for index, text in zip(indices, originals, strict=True)]
+                     for variant in chosen}
+            outputs = _run_variants(loaded, _raw_batch(batch_items), texts, keys, device,
+                                    noise_seed=seed * 100_003 + start)
             for j, item in enumerate(batch_items):
-                gt = item["action"].float().numpy()
-                valid = ~item["action_is_pad"].numpy() if "action_is_pad" in item else None
-                steps = min(gt.shape[0], base_actions.shape[1])
-                dims = min(gt.shape[-1], base_actions.shape[-1])
-                gt = gt[:steps, :dims]
-                valid = valid[:steps] if valid is not None else None
-                sc = scale[:dims]
-                record: dict[str, Any] = {
-                    "index": int(picks[start + j]), "episode": int(item["episode_index"]), "task": originals[j],
-                    "instructions": {}, "divergence": {}, "gt_error": {}, "gt_error_swap": {}, "tokens_changed": {},
-                }
-                gt_swap = None
-                if "task_swap" in chosen:
-                    swap_task = texts["task_swap"][j]
-                    target = _nearest(_observation_features(item), pool_items[name_to_task_id[swap_task]], spreads)
-                    gt_swap = ds[target]["action"].float().numpy()[:steps, :dims]
-                    record["swap_match_index"] = int(target)
-                base = base_actions[j, :steps, :dims]
-                for variant in chosen:
-                    text = texts[variant][j]
-                    changed = signatures[variant][j] != base_signatures[j]
-                    if text.strip() != originals[j].strip() and not changed:
-                        raise InstructionNotDeliveredError(
-                            variant, originals[j], text, f"dataset frame {picks[start + j]}",
-                            "The pre-processor maps both to the same tokens: the instruction may be truncated "
-                            "(raise the tokenizer's max length) or made only of unknown words (extend the "
-                            "paraphrase rules with words the tokenizer knows).")
-                    a = actions[variant][j, :steps, :dims]
-                    record["instructions"][variant] = text
-                    record["tokens_changed"][variant] = bool(changed)
-                    record["divergence"][variant] = normalised_rms(a, base, sc, valid)
-                    record["gt_error"][variant] = normalised_rms(a, gt, sc, valid)
-                    if gt_swap is not None:
-                        record["gt_error_swap"][variant] = normalised_rms(a, gt_swap, sc, valid)
-                if gt_swap is not None:
-                    record["follow"] = follow_score(base, actions["task_swap"][j, :steps, :dims], gt, gt_swap, sc, valid)
-                records.append(record)
+                records.append(_frame_record(item, indices[j], j, originals[j], texts, outputs, scale, matcher))
             bar.update(len(batch_items))
     finally:
         bar.close()
