@@ -185,14 +185,16 @@ def test_a_truncating_tokenizer_trips_the_delivery_guard(dataset, tmp_path):
         evaluate_language(policy, dataset, frames=2, variants=["task_swap"], preprocessor=pre, postprocessor=post)
 
 
-def test_frames_seed_and_variant_texts_are_reproducible(dataset, tmp_path):
+def test_frames_seed_and_variant_texts_are_reproducible_and_ci_logs_get_no_progress_bar(dataset, tmp_path, capsys):
     policy = build_stock("pi0", tmp_path)
     a = evaluate_language(policy, dataset, frames=3, seed=5, variants=["paraphrase", "corrupted"])
     b = evaluate_language(policy, dataset, frames=3, seed=5, variants=["paraphrase", "corrupted"])
     assert a.to_dict() == b.to_dict()
     assert list(a.per_variant) == ["original", "paraphrase", "corrupted"]
-    c = evaluate_language(policy, dataset, frames=3, seed=6, variants=["paraphrase", "corrupted"])
+    assert "eval-language" not in capsys.readouterr().err  # stderr is not a terminal here: no bar
+    c = evaluate_language(policy, dataset, frames=3, seed=6, variants=["paraphrase", "corrupted"], progress=True)
     assert [f["instructions"] for f in c.frames] != [f["instructions"] for f in a.frames]
+    assert "eval-language" in capsys.readouterr().err  # the bar itself works when asked for
 
 
 # ------------------------------------------------------------------------------------ closed loop
