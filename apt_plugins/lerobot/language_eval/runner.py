@@ -102,16 +102,15 @@ def language_keys(preprocessor: Any, raw: dict[str, Any], instruction_sets: list
     import torch
 
     outputs = [preprocessor({**raw, "task": list(tasks)}) for tasks in instruction_sets]
+    candidates = {k for out in outputs for k, v in out.items() if isinstance(v, torch.Tensor)}
     keys = []
-    for key, value in outputs[0].items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        for other in outputs[1:]:
-            alt = other.get(key)
-            if not isinstance(alt, torch.Tensor) or alt.shape != value.shape or not torch.equal(alt, value):
-                keys.append(key)
-                break
-    return sorted(keys)
+    for key in sorted(candidates):
+        values = [out.get(key) for out in outputs]
+        first = values[0]
+        if any(not isinstance(v, torch.Tensor) or not isinstance(first, torch.Tensor) or v.shape != first.shape
+               or not torch.equal(v, first) for v in values[1:]):
+            keys.append(key)
+    return keys
 
 
 def token_signature(inputs: dict[str, Any], keys: list[str], row: int) -> tuple:
