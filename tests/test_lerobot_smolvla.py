@@ -84,6 +84,32 @@ def test_state_token_still_trains_with_a_frozen_vlm():
     assert all(p.grad is None for p in policy.model.vlm_with_expert.vlm.parameters())
 
 
+# Negative controls for the SmolVLA-specific paths: the suite's checks catch them when broken.
+def test_invariance_check_catches_language_in_the_vlm_prefix(monkeypatch):
+    from apt_plugins.testing.conformance import check_stage1_language_invariance
+    from apt_plugins_lerobot_smolvla.modeling import APTVLAFlowMatching
+
+    # The one-pass prefix of the lifted mask in Stage 1: images and state read the prompt in the VLM.
+    monkeypatch.setattr(APTVLAFlowMatching, "_apt_prefix", APTVLAFlowMatching._apt_joint_prefix)
+    with pytest.raises(AssertionError, match="depends on the instruction"):
+        check_stage1_language_invariance(KIT, AptConfig(stage=1))
+
+
+def test_frozen_check_catches_a_state_token_without_autograd(monkeypatch):
+    from apt_plugins.testing.conformance import check_frozen_stays_frozen
+    from apt_plugins_lerobot_smolvla.modeling import APTVLAFlowMatching
+
+    run_vlm = APTVLAFlowMatching._apt_run_vlm
+
+    def no_grad_state(self, embs, mask, positions, context=None):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and embs.shape[1] != 1):
+            return run_vlm(self, embs, mask, positions, context)
+
+    monkeypatch.setattr(APTVLAFlowMatching, "_apt_run_vlm", no_grad_state)
+    with pytest.raises(AssertionError, match=r"trainable tensor model\.state_proj\..* did not change"):
+        check_frozen_stays_frozen(KIT, AptConfig(stage=1))
+
+
 def test_vlm_train_mode_follows_vlm_mode():
     """SmolVLA's train() forces the VLM into eval (train_expert_only); APT hands that decision to vlm_mode."""
     frozen, full = KIT.build(AptConfig(stage=2)).train(), KIT.build(AptConfig(stage=2, vlm_mode="full")).train()
