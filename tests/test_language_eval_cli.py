@@ -96,7 +96,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(checkpoints, dataset, tmp
     assert "dataset.repo_id=None" in capsys.readouterr().err
     assert _run(f"--policy.path={tmp_path / 'missing'}", "--dataset.repo_id=x", f"--output_dir={out}") == 2
     err = capsys.readouterr().err
-    assert f"policy.path='{tmp_path / 'missing'}'" in err and "no such directory" in err
+    assert f"checkpoint {tmp_path / 'missing'} does not match the model" in err and "not a checkpoint directory" in err
     assert _run(f"--policy.path={checkpoints['stock']}", "--dataset.repo_id=local/apt_demo",
                 f"--dataset.root={dataset.root}", "--variants=swap", f"--output_dir={out}") == 2
     assert "variants='swap'. choose from " + ", ".join(VARIANTS) in capsys.readouterr().err

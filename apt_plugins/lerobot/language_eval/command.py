@@ -21,7 +21,8 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``eval-language`` flags to ``p``."""
-    p.add_argument("--policy.path", dest="policy_path", help="checkpoint (pretrained_model directory) to evaluate")
+    p.add_argument("--policy.path", dest="policy_path",
+                   help="checkpoint to evaluate: a pretrained_model directory, or a repo id in the local hub cache")
     p.add_argument("--compare", nargs="+", metavar="CKPT", default=[],
                    help="more checkpoints: all policies go in one table and one plot")
     p.add_argument("--dataset.repo_id", dest="dataset_repo_id", help="LeRobot dataset repo id (frames and tasks)")
@@ -48,9 +49,10 @@ def _policies(args: argparse.Namespace) -> list[str]:
     policies = ([args.policy_path] if args.policy_path else []) + list(args.compare)
     if not policies:
         raise AptConfigError("policy.path", None, "give --policy.path=<checkpoint> (and optionally --compare <more>).")
-    for path in policies:
-        if not Path(path).is_dir():
-            raise AptConfigError("policy.path", path, "no such directory; pass a LeRobot pretrained_model directory.")
+    from ..policy import resolve_checkpoint_dir
+
+    for path in policies:  # every checkpoint is found before the first one is evaluated
+        resolve_checkpoint_dir(path)
     return policies
 
 
