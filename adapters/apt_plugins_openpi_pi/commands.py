@@ -47,7 +47,12 @@ def retrofit_command(args: argparse.Namespace) -> int:
     from .checkpoints import retrofit_checkpoint
     from .testing import make_batch, observation
 
-    model_config = openpi_model_config(args.openpi_config)
+    import dataclasses
+
+    # fp32 and no torch.compile: retrofit only moves tensors (openpi casts on load to its training
+    # precision), and the probe must compare the two models exactly, not autotune kernels.
+    model_config = dataclasses.replace(openpi_model_config(args.openpi_config), dtype="float32",
+                                       pytorch_compile_mode=None)
     overrides: dict[str, Any] = {"stage": args.stage}
     if args.keep_language_paths:
         overrides["inherited_layers_keep_language_mask"] = False

@@ -206,13 +206,15 @@ class OpenpiConformanceKit(ConformanceKitBase):
             policy.gradient_checkpointing_disable()
 
 
-def use_uint8_fake_images() -> None:
-    """Make openpi's ``FakeDataset`` emit uint8 HWC images, as its real datasets do (tests/benchmarks only).
+def use_realistic_fake_data(prompt_tokens: int = 8) -> None:
+    """Make openpi's ``FakeDataset`` samples look like real ones (tests and benchmarks only).
 
-    Upstream issue at the pinned commit: ``FakeDataset`` draws float32 HWC images, which
-    ``Observation.from_dict`` leaves channels-last (only uint8 images are permuted to CHW), so the
-    stock PyTorch trainer cannot run openpi's own fake-data ``debug`` configs; uint8 images take the
-    path real data takes.
+    Two upstream quirks at the pinned commit make openpi's fake-data ``debug`` configs useless for
+    the PyTorch trainer: images are float32 HWC, which ``Observation.from_dict`` leaves channels-last
+    (only uint8 images are permuted to CHW), so SigLIP fails; and every bool field is drawn as zeros,
+    so every image and prompt token is padding and the model sees neither. Here images become uint8
+    HWC (the path real data takes), every camera is valid and the first ``prompt_tokens`` prompt
+    tokens are valid. Token ids stay openpi's random draws.
     """
     import numpy as np
 
@@ -221,23 +223,27 @@ def use_uint8_fake_images() -> None:
     _ensure_lerobot_data_module()
     from openpi.training import data_loader
 
-    if getattr(data_loader.FakeDataset, "_apt_uint8", False):
+    if getattr(data_loader.FakeDataset, "_apt_realistic", False):
         return
     original = data_loader.FakeDataset.__getitem__
 
     def getitem(self: Any, index: Any) -> dict:
         item = original(self, index)
         item["image"] = {k: ((np.asarray(v) + 1.0) * 127.5).round().astype(np.uint8) for k, v in item["image"].items()}
+        item["image_mask"] = {k: np.ones_like(np.asarray(v), dtype=bool) for k, v in item["image_mask"].items()}
+        mask = np.zeros_like(np.asarray(item["tokenized_prompt_mask"]), dtype=bool)
+        mask[..., :prompt_tokens] = True
+        item["tokenized_prompt_mask"] = mask
         return item
 
     data_loader.FakeDataset.__getitem__ = getitem
-    data_loader.FakeDataset._apt_uint8 = True
+    data_loader.FakeDataset._apt_realistic = True
 
 
 TINY_PLUGIN_SOURCE = (
-    '"""Throw-away module: tiny openpi models and uint8 fake images in this process (tests/benchmarks only)."""\n'
-    "from apt_plugins_openpi_pi.testing import apply_tiny_patches, use_uint8_fake_images\n\n"
-    "apply_tiny_patches()\nuse_uint8_fake_images()\n"
+    '"""Throw-away module: tiny openpi models and realistic fake data in this process (tests/benchmarks only)."""\n'
+    "from apt_plugins_openpi_pi.testing import apply_tiny_patches, use_realistic_fake_data\n\n"
+    "apply_tiny_patches()\nuse_realistic_fake_data()\n"
 )
 
 
