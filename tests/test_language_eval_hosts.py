@@ -235,3 +235,23 @@ def test_closed_loop_guard_catches_a_harness_that_never_shows_the_new_instructio
     with pytest.raises(InstructionNotDeliveredError, match=r"variant 'empty' \(episode step 0, env 0\).*carried "
                        r"'pick the \w+ block' instead"):
         evaluate_closed_loop(policy, _blocks_env(), episodes=1, variants=["empty"], dataset_stats=dataset.meta.stats)
+
+
+@pytest.mark.parametrize("kind", ["pi05", "smolvla", "groot"])
+def test_a_saved_checkpoint_is_evaluated_with_its_own_processors(kind, dataset, tmp_path):
+    """pi0 through a path is covered by the CLI test; these hosts load their processors differently."""
+    from apt_plugins_lerobot_pi.testing import tiny_pi_patches
+    from lerobot.policies.factory import make_pre_post_processors
+
+    policy = build_stock(kind, tmp_path)
+    pre, post = make_pre_post_processors(policy.config, dataset_stats=dataset.meta.stats)
+    directory = tmp_path / f"{kind}_run" / "pretrained_model"
+    policy.save_pretrained(directory)
+    pre.save_pretrained(directory)
+    post.save_pretrained(directory)
+    with tiny_pi_patches():  # the pi0.5 config records the real Gemma sizes
+        report = evaluate_language(directory, dataset.repo_id, dataset_root=dataset.root, frames=2, seed=0,
+                                   variants=["task_swap", "empty"])
+    assert report.policy == {**report.policy, "name": f"{kind}_run", "type": kind, "source": str(directory)}
+    assert report.per_variant["original"]["divergence_max"] == 0.0
+    assert report.per_variant["task_swap"]["tokens_changed"] == 2 and report.divergence("empty") > 0.0
