@@ -1,5 +1,5 @@
 # The two commands of the README. Both create .venv/ from scratch when it is missing or stale.
-.PHONY: demo test bench env openpi-env
+.PHONY: demo test bench env openpi-env repro repro-quick
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -23,3 +23,10 @@ openpi-env:
 
 bench: env
 	.venv/bin/python benchmarks/bench_pi.py
+
+# The CPU-scale reproduction (about 30 minutes on 2 cores); writes docs/repro_results.md and its plots.
+repro: env
+	OMP_NUM_THREADS=1 .venv/bin/apt-plugins repro --report docs/repro_results.md
+
+repro-quick: env
+	OMP_NUM_THREADS=1 .venv/bin/apt-plugins repro --quick --workdir runs/repro-quick
