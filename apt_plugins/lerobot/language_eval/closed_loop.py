@@ -118,10 +118,15 @@ class InstructionOverride(gym.Wrapper):
 class DeliveryGuard:
     """Record what reached the pre-processor and the policy, then check the override arrived.
 
-    Wrap the pre-processor with :meth:`preprocessor` and install :meth:`watch` around the rollout;
-    :meth:`check` raises :class:`InstructionNotDeliveredError` on the first step where the
+    Hand the rollout :meth:`preprocessor` instead of the pre-processor, record the policy's inputs
+    with :func:`~apt_plugins.lerobot.language_eval.runner.record_policy_inputs`, then call
+    :meth:`check`: it raises :class:`InstructionNotDeliveredError` on the first step where the
     observation did not carry the changed instruction, or where the tokens the policy saw equal the
     ones the original instruction gives.
+
+    :param preprocessor: the policy's pre-processor.
+    :param language_keys: the batch keys that carry the instruction.
+    :param vec_env: the ``SyncVectorEnv`` whose sub-envs are :class:`InstructionOverride`.
     """
 
     def __init__(self, preprocessor: Any, language_keys: list[str], vec_env: Any):
