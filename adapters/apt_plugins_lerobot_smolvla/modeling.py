@@ -371,14 +371,27 @@ class APTVLAFlowMatching(VLAFlowMatching):
 def install(model: nn.Module, config: AptConfig) -> None:
     """Swap ``model`` (a ``VLAFlowMatching``) to :class:`APTVLAFlowMatching`; add the Stage-2 fusion layers.
 
-    :raises AptConfigError: ``compile_model`` is on, or ``fusion_source_layers`` does not name one
-        VLM layer per expert layer.
+    :raises AptConfigError: ``compile_model`` is on, ``apt.attention='sdpa'`` or ``apt.prefix_cache`` is
+        set (not supported by this adapter), or ``fusion_source_layers`` does not name one VLM layer per
+        expert layer.
     """
     if getattr(model.config, "compile_model", False):
         raise AptConfigError(
             "policy.compile_model", True,
             "torch.compile stores compiled copies of forward/sample_actions at construction, which would bypass "
             "the APT masks. Set compile_model=false (compile after preparing the stage if needed).",
+        )
+    if config.attention == "sdpa":
+        raise AptConfigError(
+            "apt.attention", config.attention,
+            "the lerobot_smolvla adapter runs SmolVLA's own eager attention (the host has no other kernel); "
+            "use 'auto' or 'eager'.",
+        )
+    if config.prefix_cache is not None:
+        raise AptConfigError(
+            "apt.prefix_cache", config.prefix_cache,
+            "the lerobot_smolvla adapter has no prefix cache yet (SmolVLA's state token runs through the VLM "
+            "behind the trainable state_proj, so only the image keys/values could be cached); unset it.",
         )
     if type(model) is VLAFlowMatching:
         model.__class__ = APTVLAFlowMatching

@@ -164,6 +164,10 @@ class SmolVLAConformanceKit(LeRobotConformanceKit):
             {"error": AptConfigError, "match": r"compile_model.*bypass",
              "trigger": lambda: self.build(AptConfig(stage=1), compile_model=True)},
             {"error": LanguageMaskError, "match": r"needs the PrefixContext", "trigger": stock_cache},
+            {"error": AptConfigError, "match": r"apt\.attention='sdpa'.*eager attention",
+             "trigger": lambda: self.build(AptConfig(stage=1, attention="sdpa"))},
+            {"error": AptConfigError, "match": r"apt\.prefix_cache=.*no prefix cache",
+             "trigger": lambda: self.build(AptConfig(stage=1, prefix_cache="memory:1GB"))},
         ]
 
     def cli_workspace(self, root: Path) -> Any:
