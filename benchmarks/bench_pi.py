@@ -8,6 +8,7 @@ Run from the repository root (CPU; nothing is downloaded)::
     HF_HUB_OFFLINE=1 python benchmarks/bench_pi.py --quick              # smoke test, tiny sizes
     HF_HUB_OFFLINE=1 python benchmarks/bench_pi.py --json-out bench.json
     HF_HUB_OFFLINE=1 python benchmarks/bench_pi.py --wait-idle 0        # do not wait for a quiet machine
+    HF_HUB_OFFLINE=1 python benchmarks/bench_pi.py --device cuda --dtype bf16 --size real   # on a GPU
 
 What it measures, per policy (pi0, pi0.5), on ONE batch shared by every configuration:
 
@@ -84,7 +85,17 @@ SIZES: dict[str, dict[str, Any]] = {
         max_state_dim=8, max_action_dim=8, num_inference_steps=2,
         prompt_len={"pi0": 12, "pi05": 24}, task_len={"pi0": 6, "pi05": 4},
     ),
+    # The real pi0 / pi0.5 (LeRobot's own gemma_2b + gemma_300m + So400m configs, no shrinking): random
+    # weights, nothing downloaded. For a GPU (--device cuda) or bench_memory.py; too slow for CPU timing.
+    "real": dict(
+        real=True, vlm_width=2048, vlm_mlp=16384, expert_width=1024, expert_mlp=4096, depth=18, head_dim=256,
+        vision_width=1152, vision_mlp=4304, vision_layers=27, vision_heads=16, vocab=257152,
+        image_size=224, cameras=3, batch=4, chunk=50, state_dim=14, action_dim=14,
+        max_state_dim=32, max_action_dim=32, num_inference_steps=10,
+        prompt_len={"pi0": 48, "pi05": 200}, task_len={"pi0": 20, "pi05": 16},
+    ),
 }
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 TRAIN_CONFIGS = ("full_ft", "expert_only", "apt_stage1", "apt_stage2", "apt_stage2_unmasked")
 LABELS = {
@@ -136,9 +147,12 @@ def sized_pi_patches(s: dict[str, Any]):
     """Shrink LeRobot's pi0/pi0.5 classes at construction time to the sizes ``s``.
 
     The adapter's own ``tiny_pi_patches``, with distinct VLM (``gemma_2b``) and expert (``gemma_300m``)
-    widths and a sized SigLIP tower.
+    widths and a sized SigLIP tower. ``s["real"]``: no shrinking at all (LeRobot's own configs).
     """
     from apt_plugins_lerobot_pi.testing import tiny_pi_patches
+
+    if s.get("real"):
+        return contextlib.nullcontext()
 
     return tiny_pi_patches(width=s["vlm_width"], mlp_dim=s["vlm_mlp"], depth=s["depth"], head_dim=s["head_dim"],
                            vision_width=s["vision_width"], vision_layers=s["vision_layers"],
@@ -151,8 +165,11 @@ def camera_keys(s: dict[str, Any]) -> list[str]:
     return [f"observation.images.{names[i]}" for i in range(s["cameras"])]
 
 
-def build_policy(policy: str, config: str, s: dict[str, Any], seed: int = 0):
-    """A real (stock or APT) pi0 / pi0.5 policy of size ``s`` for configuration ``config``."""
+def build_policy(policy: str, config: str, s: dict[str, Any], seed: int = 0, apt_extra: dict[str, Any] | None = None):
+    """A real (stock or APT) pi0 / pi0.5 policy of size ``s`` for configuration ``config``.
+
+    ``apt_extra``: more :class:`AptConfig` fields for the APT configurations (``prefix_cache``, ...).
+    """
     import torch
     from lerobot.configs.types import FeatureType, PolicyFeature
 
@@ -176,7 +193,7 @@ def build_policy(policy: str, config: str, s: dict[str, Any], seed: int = 0):
     inputs["observation.state"] = PolicyFeature(type=FeatureType.STATE, shape=(s["state_dim"],))
     outputs = {"action": PolicyFeature(type=FeatureType.ACTION, shape=(s["action_dim"],))}
     fields: dict[str, Any] = dict(
-        device="cpu", dtype="float32", chunk_size=s["chunk"], n_action_steps=s["chunk"],
+        device=s.get("device", "cpu"), dtype=s.get("dtype", "float32"), chunk_size=s["chunk"], n_action_steps=s["chunk"],
         max_state_dim=s["max_state_dim"], max_action_dim=s["max_action_dim"],
         num_inference_steps=s["num_inference_steps"], image_resolution=(px, px),
         tokenizer_max_length=s["prompt_len"][policy], input_features=inputs, output_features=outputs,
@@ -186,13 +203,14 @@ def build_policy(policy: str, config: str, s: dict[str, Any], seed: int = 0):
     if config in ("full_ft", "expert_only", "stock"):
         cfg, cls = StockConfig(**fields), StockPolicy
     elif config == "apt_stage1":
-        cfg, cls = AptCfg(**fields, apt=AptConfig(stage=1).to_settings()), AptPolicy
+        cfg, cls = AptCfg(**fields, apt=AptConfig(stage=1, **(apt_extra or {})).to_settings()), AptPolicy
     elif config == "apt_stage2":
-        cfg, cls = AptCfg(**fields, apt=AptConfig(stage=2, vlm_mode="frozen").to_settings()), AptPolicy
+        apt = AptConfig(**{"stage": 2, "vlm_mode": "frozen", **(apt_extra or {})})
+        cfg, cls = AptCfg(**fields, apt=apt.to_settings()), AptPolicy
     elif config == "apt_stage2_unmasked":
         # Ablation: the language mask lifted, so the VLM runs over the whole padded prefix in one pass
         # exactly like LeRobot's (same tokens as stock), still without autograd, plus the fusion layers.
-        apt = AptConfig(stage=2, vlm_mode="frozen", inherited_layers_keep_language_mask=False)
+        apt = AptConfig(stage=2, vlm_mode="frozen", inherited_layers_keep_language_mask=False, **(apt_extra or {}))
         cfg, cls = AptCfg(**fields, apt=apt.to_settings()), AptPolicy
     else:
         raise ValueError(config)
@@ -381,6 +399,61 @@ def _load_batch(path: str):
     return torch.load(path, weights_only=True)
 
 
+def on_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    """``batch`` with every tensor on ``device`` (lerobot-train moves batches the same way)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so a timer brackets the work itself (no-op on CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class CudaPeak:
+    """Peak GPU memory from ``start()`` on (``torch.cuda.max_memory_allocated``), as ``PeakRSS`` does on CPU."""
+
+    method = "torch.cuda.max_memory_allocated (reset at the baseline)"
+
+    def start(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def stop(self) -> int:
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+
+def memory_baseline(device: str) -> int:
+    """Bytes in use before the optimizer exists: process RSS on CPU, allocated GPU memory on CUDA."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return _rss_bytes()
+
+
+def check_device(device: str, dtype: str) -> str | None:
+    """Why ``--device``/``--dtype`` cannot run here (None when they can)."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return ("--device cuda needs a CUDA GPU, but torch.cuda.is_available() is False on this machine "
+                    f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); run on a GPU machine or use "
+                    "--device cpu")
+    if dtype not in DTYPES:
+        return f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}"
+    return None
+
+
 def pi_probes(pol: Any) -> tuple[list, list[bool], list[int]]:
     """Forward hooks on the VLM's language model: (hooks, MLP-output requires_grad flags, LM token counts)."""
     return lm_probes(pol.model.paligemma_with_expert.paligemma.model.language_model.layers)
@@ -412,6 +485,9 @@ def train_worker(conn, policy: str, config: str, s: dict[str, Any], batch_path: 
 
         _setup_worker(threads)
         batch = _load_batch(batch_path)
+        device = s.get("device", "cpu")
+        digest = batch_digest(batch)
+        batch = on_device(batch, device)
         t_build = time.perf_counter()
         pol = (build or build_policy)(policy, config, s)
         build_s = time.perf_counter() - t_build
@@ -424,14 +500,14 @@ def train_worker(conn, policy: str, config: str, s: dict[str, Any], batch_path: 
         info = dict(
             policy=policy, config=config, build_s=build_s, params_total=sum(p.numel() for p in params),
             params_trainable=sum(p.numel() for p in params if p.requires_grad),
-            threads=torch.get_num_threads(), batch_digest=batch_digest(batch),
+            threads=torch.get_num_threads(), batch_digest=digest, device=device,
         )
         groups = pol.get_optim_params()
         cfg = pol.config
         del params
         gc.collect()
-        baseline = _rss_bytes()
-        peak = PeakRSS()
+        baseline = memory_baseline(device)
+        peak = CudaPeak() if device == "cuda" else PeakRSS()
         peak.start()
         opt = torch.optim.AdamW(groups, lr=cfg.optimizer_lr, betas=cfg.optimizer_betas, eps=cfg.optimizer_eps,
                                 weight_decay=cfg.optimizer_weight_decay)
@@ -441,11 +517,13 @@ def train_worker(conn, policy: str, config: str, s: dict[str, Any], batch_path: 
             if msg[0] == "step":
                 torch.manual_seed(10_000 + msg[1])  # the same noise/time for every configuration
                 probe = ForeignCPU()
+                sync(device)
                 t0 = time.perf_counter()
                 loss, _ = pol.forward(batch)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                sync(device)
                 dt = time.perf_counter() - t0
                 for hook in hooks:
                     hook.remove()
@@ -558,7 +636,8 @@ def infer_worker(policy: str, s: dict[str, Any], batch_path: str, reps: int, thr
 
     _setup_worker(threads)
     batch = _load_batch(batch_path)
-    obs = {k: v for k, v in batch.items() if k not in drop}
+    device = s.get("device", "cpu")
+    obs = on_device({k: v for k, v in batch.items() if k not in drop}, device)
     pols = {name: (build or build_policy)(policy, name, s).eval() for name in configs}
     times: dict[str, list[float]] = {name: [] for name in configs}
     foreign: dict[str, list[float | None]] = {name: [] for name in configs}
@@ -572,8 +651,10 @@ def infer_worker(policy: str, s: dict[str, Any], batch_path: str, reps: int, thr
             torch.manual_seed(20_000 + r)
             pol.reset()
             probe = ForeignCPU()
+            sync(device)
             t0 = time.perf_counter()
             out = pol.predict_action_chunk(obs)
+            sync(device)
             dt = time.perf_counter() - t0
             shapes[name] = list(out.shape)
             rep[name] = (dt, probe.share(dt))
@@ -680,9 +761,22 @@ def main(argv: list[str] | None = None) -> int:
                          "use < 10%% of the CPUs, and repeat rounds during which they did not "
                          "(default 60; quick: 0 = off). Costs ~0.5 s per round on a quiet machine.")
     ap.add_argument("--fail-on-miss", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: time with torch.cuda.synchronize, memory from torch.cuda.max_memory_allocated")
+    ap.add_argument("--dtype", default="fp32", help="model weights: fp32 (default) or bf16 (LeRobot's dtype=bfloat16)")
+    ap.add_argument("--size", choices=("mid", "real"), default="mid",
+                    help="mid (default), or real: LeRobot's real pi0/pi0.5 sizes (random weights; for GPUs)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: the size's own)")
     args = ap.parse_args(argv)
-    size_name = "quick" if args.quick else "mid"
-    s = SIZES[size_name]
+    problem = check_device(args.device, args.dtype)
+    if problem:
+        ap.error(problem)
+    size_name = "quick" if args.quick else args.size
+    s = dict(SIZES[size_name], device=args.device, dtype=DTYPES[args.dtype])
+    if args.batch is not None:
+        if args.batch < 1:
+            ap.error("--batch must be >= 1")
+        s["batch"] = args.batch
     steps = args.steps if args.steps is not None else (2 if args.quick else 8)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     reps = args.infer_reps if args.infer_reps is not None else (2 if args.quick else 7)
@@ -705,10 +799,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = dict(
         date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"), command=command,
         machine=machine_info(), code=code_version(), threads=args.threads, size_name=size_name, sizes=s, steps=steps,
+        device=args.device, dtype=DTYPES[args.dtype],
         warmup=warmup, infer_reps=reps, wait_idle_s=args.wait_idle, loadavg_start=list(os.getloadavg()), policies={},
     )
     print(f"bench_pi: sizes={size_name} steps={steps} warmup={warmup} infer_reps={reps} threads={args.threads} "
-          f"wait_idle={args.wait_idle:g}s", flush=True)
+          f"wait_idle={args.wait_idle:g}s device={args.device} dtype={DTYPES[args.dtype]}", flush=True)
     any_fail = False
     with tempfile.TemporaryDirectory(prefix="bench_pi_") as tmp:
         for policy in args.policies:
@@ -779,6 +874,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "-" if r["target"] is None else f"<= {r['target']:.2f}", r["status"],
             ])
     out.append(fmt_table(["policy", "ratio", "measured", "target", "status"], ratio_rows))
+    if report.get("device", "cpu") != "cpu":
+        out.append("")
+        out.append(throughput_table(report))
     fc = report.get("foreign_cpu_share") or {}
     if fc.get("median") is not None:
         out.append("")
@@ -791,6 +889,27 @@ def render_markdown(report: dict[str, Any]) -> str:
             out.append("WARNING: the machine was busy with other processes during some timed steps; "
                        "medians are robust to a few such steps, but re-run on a quiet machine to be sure.")
     return "\n".join(out)
+
+
+def suffix_tokens(policy: str, s: dict[str, Any]) -> int:
+    """Expert tokens per sample: the action chunk, plus pi0's state token."""
+    return s["chunk"] + (1 if policy == "pi0" else 0)
+
+
+def throughput_table(report: dict[str, Any]) -> str:
+    """Absolute step time, peak memory and training tokens/s (GPU runs).
+
+    tokens/s = batch x (VLM LM tokens per sample + expert tokens per sample) / step time: the tokens
+    one training step processes, counted the same way for stock and APT.
+    """
+    s, rows = report["sizes"], []
+    for policy, p in report["policies"].items():
+        for config, r in p["train"].items():
+            tokens = s["batch"] * (r["vlm_tokens_per_sample"] + suffix_tokens(policy, s))
+            rows.append([policy, LABELS[config], f"{r['step_s'] * 1e3:.1f}", f"{r['peak_rss_mib'] / 1024:.2f}",
+                         f"{r['peak_growth_mib'] / 1024:.2f}", f"{tokens / r['step_s']:.0f}"])
+    return fmt_table(["policy", "configuration", "step (ms, median)", "peak memory (GiB)", "growth over weights (GiB)",
+                      "tokens/s"], rows)
 
 
 if __name__ == "__main__":

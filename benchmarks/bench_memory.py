@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""Peak memory of one training step at the REAL pi0 / pi0.5 sizes (2B VLM + 300M expert), on CPU.
+
+Run from the repository root (random weights built from LeRobot's own configs; nothing is downloaded)::
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_memory.py                         # cap 14 GB (shared machine)
+    HF_HUB_OFFLINE=1 python benchmarks/bench_memory.py --cap-gb 22            # a free 24 GB machine
+    HF_HUB_OFFLINE=1 python benchmarks/bench_memory.py --policies pi0 --configs apt_stage1 expert_only --batch 2
+
+Every (policy, configuration) runs alone in a child process, one after the other. A watchdog in this
+process samples the child's RSS every 50 ms and kills it with SIGKILL as soon as it passes
+``--cap-gb``; that row then reads "exceeds N GB" instead of letting the machine swap or the kernel's
+OOM killer hit other processes. Before each child starts, the script waits (up to ``--wait-memory``
+seconds) until the machine has ``cap + 0.5 GB`` available, and otherwise marks the row "not measured".
+
+The child builds the policy in bfloat16 directly: ``torch.set_default_dtype(torch.bfloat16)`` while
+the modules are constructed, so no float32 copy of the 3.3B parameters ever exists, then LeRobot's own
+``dtype="bfloat16"`` handling keeps the vision tower, projector and norms in float32 as the host does.
+It then runs ``--steps`` training steps (``forward`` + ``backward`` + ``AdamW.step``) and reports the
+kernel's RSS high-water mark (``VmHWM``): the whole process's peak, weights included. The parent's
+sampled peak is reported next to it (they agree to a few %; the kernel's is exact).
+
+Configurations: stock full fine-tuning, stock expert-only (``train_expert_only=True,
+freeze_vision_encoder=True``), APT Stage 1, APT Stage 2 with the VLM frozen, and APT Stage 2 with LoRA
+on the VLM. The claim under test: APT Stage 1 of the real pi0 trains on a machine where stock
+expert-only runs out of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = ("full_ft", "expert_only", "apt_stage1", "apt_stage2", "apt_stage2_lora")
+LABELS = {"full_ft": "stock full FT", "expert_only": "stock expert-only", "apt_stage1": "APT Stage 1",
+          "apt_stage2": "APT Stage 2 (frozen VLM)", "apt_stage2_lora": "APT Stage 2 (LoRA VLM)"}
+POLICIES = ("pi0", "pi05")
+GB = 10**9
+
+
+# --------------------------------------------------------------------------------------- child
+def _vm_kib(field: str) -> int:
+    m = re.search(rf"^{field}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def child(policy: str, config: str, batch: int, steps: int, threads: int, quick: bool) -> None:
+    """Build, step, and print one JSON line with the figures (run in a fresh interpreter)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(HERE))
+    import bench_pi as common
+
+    s = dict(common.SIZES["quick" if quick else "real"], batch=batch, dtype="bfloat16")
+    print(json.dumps(dict(phase="building", rss_gb=_vm_kib("VmRSS") * 1024 / GB)), flush=True)
+    t0 = time.perf_counter()
+    build_config, extra = config, None
+    if config == "apt_stage2_lora":
+        build_config, extra = "apt_stage2", dict(vlm_mode="lora")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # parameters are born bf16: no fp32 copy of 3.3B weights
+    try:
+        pol = common.build_policy(policy, build_config, s, apt_extra=extra)
+    finally:
+        torch.set_default_dtype(previous)
+    # LeRobot's dtype="bfloat16" casts paligemma_with_expert only (keeping its vision tower, projector and
+    # norms in float32); the small projections around it stay float32. Restore that layout for what the
+    # bf16 default created outside it (a few MB).
+    for name, module in pol.model.named_children():
+        if name != "paligemma_with_expert":
+            module.float()
+    build_s = time.perf_counter() - t0
+    params = list(pol.parameters())
+    info = dict(params_total=sum(p.numel() for p in params),
+                params_trainable=sum(p.numel() for p in params if p.requires_grad),
+                weight_bytes=sum(p.numel() * p.element_size() for p in params), build_s=build_s,
+                dtypes=sorted({str(p.dtype) for p in params}))
+    del params
+    data = common.make_batch(policy, s)
+    after_build = _vm_kib("VmRSS") * 1024
+    print(json.dumps(dict(phase="stepping", rss_gb=after_build / GB, **info)), flush=True)
+    cfg = pol.config
+    opt = torch.optim.AdamW(pol.get_optim_params(), lr=cfg.optimizer_lr, betas=cfg.optimizer_betas,
+                            eps=cfg.optimizer_eps, weight_decay=cfg.optimizer_weight_decay)
+    times, losses = [], []
+    for i in range(steps):
+        torch.manual_seed(10_000 + i)
+        t = time.perf_counter()
+        loss, _ = pol.forward(data)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        losses.append(float(loss.detach()))
+    print(json.dumps(dict(phase="done", peak_gb=_vm_kib("VmHWM") * 1024 / GB, after_build_gb=after_build / GB,
+                          step_s=times, losses=losses, **info)), flush=True)
+
+
+# --------------------------------------------------------------------------------------- parent
+def available_bytes() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def tree_rss(proc: Any) -> int:
+    """RSS of ``proc`` and its children (bytes); 0 once it is gone."""
+    import psutil
+
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs)
+    except psutil.NoSuchProcess:
+        return 0
+
+
+def measure(policy: str, config: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One child under the watchdog; the row's outcome (``ok``, ``exceeds``, ``not measured``, ``failed``)."""
+    import psutil
+
+    margin = GB // 2  # room for everyone else's growth while the child runs
+    cap = args.cap_gb
+    deadline = time.monotonic() + args.wait_memory
+    while available_bytes() < cap * GB + margin:
+        if time.monotonic() > deadline:
+            spare = (available_bytes() - margin) / GB
+            if args.min_cap_gb is not None and spare >= args.min_cap_gb:
+                cap = round(spare, 1)  # a lower cap, recorded in the row: "exceeds" then means "exceeds this"
+                break
+            return dict(outcome="not measured", cap_gb=cap,
+                        reason=f"only {available_bytes() / GB:.1f} GB available, {cap + margin / GB:.1f} GB needed")
+        time.sleep(5)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", policy, config, "--batch", str(args.batch),
+           "--steps", str(args.steps), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    ps = psutil.Process(proc.pid)
+    peak, outcome = 0, None
+    while proc.poll() is None:
+        rss = tree_rss(ps)
+        peak = max(peak, rss)
+        if rss > cap * GB:
+            proc.send_signal(signal.SIGKILL)  # before the machine swaps or the OOM killer picks a victim
+            outcome = "exceeds"
+        elif time.monotonic() - started > args.timeout:
+            proc.send_signal(signal.SIGKILL)
+            outcome = "timed out"
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    last = lines[-1] if lines else {}
+    row = dict(outcome=outcome or ("ok" if last.get("phase") == "done" else "failed"), cap_gb=cap,
+               sampled_peak_gb=peak / GB, wall_s=time.monotonic() - started, phase=last.get("phase"),
+               **{k: v for k, v in last.items() if k != "phase"})
+    if row["outcome"] == "failed":
+        row["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
+    return row
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    from bench_pi import fmt_table
+
+    rows = []
+    for policy, configs in report["rows"].items():
+        for config, r in configs.items():
+            cap = r.get("cap_gb", report["cap_gb"])
+            if r["outcome"] == "ok":
+                peak = f"{r['peak_gb']:.1f}"
+                verdict = f"fits in {cap:g} GB"
+            elif r["outcome"] == "exceeds":
+                peak = f"> {cap:g}"
+                verdict = f"exceeds {cap:g} GB (killed while {r.get('phase') or 'starting'})"
+            else:
+                peak = "-"
+                verdict = f"{r['outcome']}: {r.get('reason') or r.get('error') or ''}".strip()
+            weights = f"{r['weight_bytes'] / GB:.1f}" if r.get("weight_bytes") else "-"
+            trainable = (f"{r['params_trainable'] / 1e6:.1f}M / {r['params_total'] / 1e6:.1f}M"
+                         if r.get("params_total") else "-")
+            step = f"{r['step_s'][-1]:.0f}" if r.get("step_s") else "-"
+            rows.append([policy, LABELS[config], trainable, weights, peak, step, verdict])
+    return fmt_table(["policy", "configuration", "trainable / total params", "weights (GB)",
+                      "peak RSS, one step (GB)", "step (s)", "verdict (cap in force)"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=1, help="training steps per child (AdamW state appears at the first)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in the child")
+    ap.add_argument("--cap-gb", type=float, default=None,
+                    help="kill a child whose RSS passes this many GB (10^9 bytes; default 14, the shared-machine "
+                         "cap; quick: 4)")
+    ap.add_argument("--wait-memory", type=float, default=600.0, metavar="SECONDS",
+                    help="wait this long for cap + 0.5 GB to be available before marking a row not measured")
+    ap.add_argument("--min-cap-gb", type=float, default=None,
+                    help="when cap + 0.5 GB never became available, measure under a lower cap (what is available "
+                         "minus 0.5 GB) if that is at least this many GB; the row records the cap it ran under")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="kill a child that runs longer (seconds)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script and the watchdog")
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--child", nargs=2, metavar=("POLICY", "CONFIG"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.cap_gb is None:
+        args.cap_gb = 4.0 if args.quick else 14.0
+    if args.batch < 1 or args.steps < 1 or args.threads < 1 or args.cap_gb <= 0:
+        ap.error("--batch, --steps and --threads must be >= 1 and --cap-gb > 0")
+    if args.child:
+        child(*args.child, batch=args.batch, steps=args.steps, threads=args.threads, quick=args.quick)
+        return 0
+    sys.path.insert(0, str(HERE))
+    import bench_pi as common
+
+    command = "python benchmarks/bench_memory.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    report: dict[str, Any] = dict(date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                                  command=command, machine=common.machine_info(), code=common.code_version(),
+                                  cap_gb=args.cap_gb, batch=args.batch, steps=args.steps, threads=args.threads,
+                                  size="quick" if args.quick else "real", rows={})
+    print(f"bench_memory: size={report['size']} batch={args.batch} cap={args.cap_gb:g} GB, one child at a time",
+          flush=True)
+    for policy in args.policies:
+        report["rows"][policy] = {}
+        for config in args.configs:
+            row = measure(policy, config, args)
+            report["rows"][policy][config] = row
+            print(f"  {policy:5s} {LABELS[config]:26s} {row['outcome']:12s} "
+                  f"peak {row.get('peak_gb', row['sampled_peak_gb'] if 'sampled_peak_gb' in row else 0):.2f} GB "
+                  f"(sampled {row.get('sampled_peak_gb', 0):.2f}) wall {row.get('wall_s', 0):.0f} s", flush=True)
+            if args.json_out:  # after every row: a later kill of this script keeps what was measured
+                args.json_out.parent.mkdir(parents=True, exist_ok=True)
+                args.json_out.write_text(json.dumps(report, indent=2))
+    print()
+    print(render_markdown(report))
+    if args.json_out:
+        print(f"\nwrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
