@@ -180,3 +180,19 @@ def test_importing_the_package_stays_light():
             "print(sorted(k for k in ('torch', 'lerobot', 'matplotlib') if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_unavailable_device_is_a_clear_error():
+    import torch
+
+    from apt_plugins.lerobot.language_eval.runner import check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(AptConfigError, match=r"policy.device='gpu0'\. use cpu, cuda, cuda:<index> or mps"):
+        check_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(AptConfigError, match=r"policy.device='cuda'\. CUDA is not available on this machine"):
+            check_device("cuda")
+    else:
+        with pytest.raises(AptConfigError, match=r"policy.device='cuda:99'\. this machine has \d+ CUDA device"):
+            check_device("cuda:99")

@@ -253,10 +253,11 @@ def evaluate_closed_loop(
     from lerobot.envs.factory import make_env, make_env_config, make_env_pre_post_processors
     from lerobot.scripts.lerobot_eval import eval_policy
 
-    from .runner import _as_loaded, tokenizer_vocabulary
+    from .runner import _as_loaded, check_device, tokenizer_vocabulary
 
     if episodes < 1:
         raise AptConfigError("eval.n_episodes", episodes, "run at least one episode.")
+    check_device(device)
     chosen = validate_variants(variants)
     rules = DEFAULT_PARAPHRASE_RULES if paraphrase_rules is None else DEFAULT_PARAPHRASE_RULES.merged(paraphrase_rules)
     if not isinstance(env, EnvConfig):

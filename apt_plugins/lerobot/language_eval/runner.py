@@ -77,6 +77,26 @@ def checkpoint_name(path: str | Path) -> str:
     return str(path)
 
 
+def check_device(device: str) -> str:
+    """``device`` if torch can use it here.
+
+    :raises AptConfigError: an unknown device string, or a CUDA/MPS device this machine does not have.
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AptConfigError("policy.device", device, "use cpu, cuda, cuda:<index> or mps.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise AptConfigError("policy.device", device, "CUDA is not available on this machine; use --policy.device=cpu.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise AptConfigError("policy.device", device, f"this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise AptConfigError("policy.device", device, "MPS is not available on this machine; use --policy.device=cpu.")
+    return device
+
+
 def _as_loaded(policy_or_path: Any, dataset_stats: Any, device: str, preprocessor: Any, postprocessor: Any,
                name: str | None) -> LoadedPolicy:
     if isinstance(policy_or_path, LoadedPolicy):
@@ -391,6 +411,7 @@ def evaluate_language(
     if batch_size < 1:
         raise AptConfigError("batch_size", batch_size, "use a positive batch size.")
     chosen = validate_variants(variants)
+    check_device(device)
     rules = DEFAULT_PARAPHRASE_RULES
     if isinstance(paraphrase_rules, ParaphraseRules):
         rules = rules.merged(paraphrase_rules)
