@@ -50,35 +50,6 @@ def offline_hub(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------ tiny stock policies
-def _tiny_smolvla_dir(directory: Path) -> Path:
-    """A tiny SmolVLM backbone directory (lerobot.md, "SmolVLA: a tiny local backbone directory")."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, SmolVLMConfig
-    from transformers.models.smolvlm import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
-
-    special = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
-               "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>",
-               "video_token": "<video>"}
-    words = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "\n", *special.values(),
-             *"pick place the a red green blue block cube grasp lift grab please now can you".split()]
-    words += [f"w{i}" for i in range(512 - len(words))]
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<|im_start|>", eos_token="<|im_end|>", extra_special_tokens=special)
-    SmolVLMConfig(text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512),
-                  vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                     patch_size=8, image_size=32),
-                  scale_factor=2, image_token_id=vocab["<image>"]).save_pretrained(directory)
-    image = SmolVLMImageProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
-                                  do_image_splitting=False)
-    SmolVLMProcessor(image_processor=image, tokenizer=fast, video_processor=SmolVLMVideoProcessor(),
-                     image_seq_len=4).save_pretrained(directory)
-    return directory
-
-
 def _features(size: int):
     from lerobot.configs.types import FeatureType, PolicyFeature
 
@@ -99,17 +70,8 @@ def build_stock(kind: str, tmp_path: Path):
         from apt_plugins_lerobot_groot.testing import GrootConformanceKit
 
         return GrootConformanceKit().build(None).eval()
-    if kind == "smolvla":
-        pytest.importorskip("num2words")
-        from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
-        from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
-
-        inputs, outputs = _features(32)
-        config = SmolVLAConfig(vlm_model_name=str(_tiny_smolvla_dir(tmp_path / "smolvlm")), load_vlm_weights=False,
-                               num_vlm_layers=4, resize_imgs_with_padding=(32, 32), chunk_size=4, n_action_steps=4,
-                               max_state_dim=8, max_action_dim=8, num_steps=2, device="cpu",
-                               input_features=inputs, output_features=outputs)
-        return SmolVLAPolicy(config).eval()
+    if kind == "smolvla":  # the apt_smolvla adapter's kit builds the stock SmolVLAPolicy too
+        return get_plugin_manager().get_adapter("lerobot_smolvla").conformance_kit().build(None).eval()
     if kind == "act":
         from lerobot.policies.act.configuration_act import ACTConfig
         from lerobot.policies.act.modeling_act import ACTPolicy
