@@ -79,7 +79,7 @@ echo "==> installing openpi's PyTorch dependencies (torch 2.7.1, transformers 4.
     "tqdm-loggable>=0.2" "typing-extensions>=4.12.2" "tyro>=0.9.5" "wandb>=0.19.1" "filelock>=3.16.1" \
     "treescope>=0.1.7" "rich>=14.0.0" "polars>=1.30.0" "msgpack>=1.0.5" "websockets>=11.0" \
     "opencv-python-headless>=4.10.0.84" \
-    "peft>=0.15,<0.18" "pluggy>=1.5" "pydantic>=2.6" "safetensors>=0.4.3" "packaging>=23" "pyyaml>=6" "pytest>=8"
+    "peft>=0.15,<0.18" "pytest-xdist>=3.5" "pluggy>=1.5" "pydantic>=2.6" "safetensors>=0.4.3" "packaging>=23" "pyyaml>=6" "pytest>=8"
 "${PIP[@]}" --no-deps -e "$OPENPI/packages/openpi-client" -e "$OPENPI"
 
 # openpi's README: copy models_pytorch/transformers_replace over the installed transformers (adaRMS,
