@@ -236,6 +236,8 @@ def _allowed(field: str) -> str:
 def _to_config_error(exc: ValidationError, data: dict[str, Any], prefix: str) -> AptConfigError:
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ())]
+    # Union members appear in the location ("lora_targets.tuple[str, ...]"); keep the field and item indices.
+    loc = loc[:1] + [p for p in loc[1:] if p.isdigit()]
     field = loc[0] if loc else ""
     path = ".".join([prefix, *loc]) if loc else prefix
     if err["type"] == "extra_forbidden":
