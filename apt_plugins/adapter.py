@@ -129,6 +129,53 @@ class Adapter:
         """
         return data, []
 
+    def seeded_noise(self, policy: Any, seeds: list[int]) -> Any:
+        """Context manager under which a training forward draws each batch row's randomness from its own seed.
+
+        Row ``i`` of the batch gets its flow noise, flow time (and any other training-time draw,
+        e.g. a state dropout) from generators seeded by ``seeds[i]`` (the sample's dataset index), so
+        the loss of a sample does not depend on which process or batch it lands in. Used by the
+        DeepSpeed entry point's ``--ds.deterministic_noise`` (1- vs N-process loss trajectories).
+        Default: replace ``policy.model.sample_noise(shape, device)`` and
+        ``sample_time(bsize, device)`` (LeRobot's pi0, pi0.5 and SmolVLA draw through these).
+
+        :raises AdapterError: the policy draws its noise some other way and the adapter does not
+            override this method.
+        """
+        import contextlib
+
+        import torch
+
+        from .errors import AdapterError
+
+        model = getattr(policy, "model", None)
+        if model is None or not hasattr(model, "sample_noise") or not hasattr(model, "sample_time"):
+            raise AdapterError(
+                f"adapter {self.name!r}: {type(policy).__name__} draws its training noise without "
+                "model.sample_noise/sample_time, so per-sample seeded noise (--ds.deterministic_noise) "
+                "needs the adapter to override Adapter.seeded_noise."
+            )
+
+        def rows(fn):
+            return torch.cat([fn(torch.Generator().manual_seed(1_000_003 * s + 17)) for s in seeds])
+
+        def sample_noise(shape, device):
+            return rows(lambda g: torch.randn((1, *shape[1:]), generator=g)).to(device)
+
+        def sample_time(bsize, device):
+            return rows(lambda g: torch.rand(1, generator=g) * 0.998 + 0.001).to(device)
+
+        @contextlib.contextmanager
+        def patched():
+            model.__dict__["sample_noise"], model.__dict__["sample_time"] = sample_noise, sample_time
+            try:
+                yield
+            finally:
+                model.__dict__.pop("sample_noise", None)
+                model.__dict__.pop("sample_time", None)
+
+        return patched()
+
     def retrofit_processors(self, directory: Any, config: AptConfig) -> None:
         """Adapt the host processor files copied into a retrofitted checkpoint, beyond what
         :meth:`rewrite_processor_config` does (which retrofit applies first). Default: nothing more."""

@@ -76,6 +76,49 @@ class GrootAdapter(Adapter):
             state_dict = {**state_dict, head: state_dict[emb]}
         return state_dict
 
+    def seeded_noise(self, policy: Any, seeds: list[int]) -> Any:
+        """Per-row flow noise, flow time and state dropout from each sample's seed (the head draws all three).
+
+        ``nn.Dropout`` layers (``vl_self_attention`` has p=0.1) draw one mask for the whole batch from
+        the global generator, which no per-row seed can reproduce: they are off while this is active.
+        """
+        import contextlib
+
+        import torch
+
+        from .modeling import ROW_SEEDS
+
+        head = policy._groot_model.action_head
+
+        def sample_time(batch_size, device, dtype):
+            # The head's own Beta(alpha, beta) time distribution, one draw per row from its seed.
+            alpha = torch.tensor(float(head._noise_beta_alpha))
+            beta = torch.tensor(float(head._noise_beta_beta))
+            rows = []
+            for s in seeds:
+                # Beta.sample takes no generator: draw under the global RNG, forked and seeded per row.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(1_000_003 * s + 23)
+                    rows.append(torch.distributions.Beta(alpha, beta).sample([1]))
+            sample = torch.cat(rows).to(device, dtype=dtype)
+            return (1 - sample) * head.config.noise_s
+
+        @contextlib.contextmanager
+        def patched():
+            dropouts = [m for m in policy.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+            head.__dict__[ROW_SEEDS], head.__dict__["sample_time"] = list(seeds), sample_time
+            for m in dropouts:
+                m.training = False
+            try:
+                yield
+            finally:
+                head.__dict__.pop(ROW_SEEDS, None)
+                head.__dict__.pop("sample_time", None)
+                for m in dropouts:
+                    m.training = True
+
+        return patched()
+
     def probe_batch(self, policy: Any, variant: str = "original", seed: int = 0) -> dict[str, Any]:
         from .testing import probe_batch
 

@@ -98,6 +98,20 @@ class GrootFusionLayer(nn.Module):
         return self.attn(x, k, v, mask)
 
 
+#: Attribute of the action head holding per-row seeds while ``GrootAdapter.seeded_noise`` is active.
+ROW_SEEDS = "apt_row_seeds"
+
+
+def _row_draw(head: nn.Module, kind: str, draw: Any, shape: tuple[int, ...], device: Any, dtype: Any) -> Tensor:
+    """``draw(shape)`` (torch.rand/randn), or, under seeded noise, one row per seed from its own generator."""
+    seeds = head.__dict__.get(ROW_SEEDS)
+    if seeds is None:
+        return draw(shape, device=device, dtype=dtype)
+    offset = {"noise": 17, "state_dropout": 29}[kind]
+    rows = [draw((1, *shape[1:]), generator=torch.Generator().manual_seed(1_000_003 * s + offset)) for s in seeds]
+    return torch.cat(rows).to(device=device, dtype=dtype)
+
+
 def _take(x: Tensor, index: Tensor) -> Tensor:
     """Gather along dim 1 for every trailing dim: ``x[b, index[b]]``."""
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
@@ -322,10 +336,11 @@ class APTGR00TN17(GR00TN17):
         state = action_input.state.view(action_input.state.shape[0], 1, -1)
         state_features = head.state_encoder(state, embodiment_id)
         if head.training and head.state_dropout_prob > 0:
-            drop = torch.rand(state_features.shape[0], device=state_features.device) < head.state_dropout_prob
+            drop = _row_draw(head, "state_dropout", torch.rand, (state_features.shape[0],), state_features.device,
+                             state_features.dtype) < head.state_dropout_prob
             state_features = state_features * (1 - drop[:, None, None].to(dtype=state_features.dtype))
         actions = action_input.action
-        noise = torch.randn(actions.shape, device=actions.device, dtype=actions.dtype)
+        noise = _row_draw(head, "noise", torch.randn, actions.shape, actions.device, actions.dtype)
         t = head.sample_time(actions.shape[0], device=actions.device, dtype=actions.dtype)[:, None, None]
         noisy = (1 - t) * noise + t * actions
         velocity = actions - noise

@@ -80,32 +80,15 @@ def split_args(argv: list[str]) -> tuple[DeepSpeedArgs, list[str]]:
     return ds, rest
 
 
-@contextlib.contextmanager
 def _deterministic_noise(policy: Any, batch: dict[str, Any]):
-    """Noise and flow time of each sample drawn from a generator seeded by its dataset index."""
-    import torch
+    """Each sample's training randomness drawn from its dataset index (``Adapter.seeded_noise``)."""
+    from .. import apt_state
 
-    model = getattr(policy, "model", None)
-    if model is None or not hasattr(model, "sample_noise") or "index" not in batch:
-        raise RuntimeError("--ds.deterministic_noise needs a policy whose model has sample_noise/sample_time "
-                           "(pi0, pi0.5) and batches with an 'index' key (LeRobotDataset).")
-    seeds = [int(i) for i in batch["index"].flatten().tolist()]
-
-    def rows(fn):
-        return torch.cat([fn(torch.Generator().manual_seed(1_000_003 * s + 17)) for s in seeds])
-
-    def sample_noise(shape, device):
-        return rows(lambda g: torch.randn((1, *shape[1:]), generator=g)).to(device)
-
-    def sample_time(bsize, device):
-        return rows(lambda g: torch.rand(1, generator=g) * 0.998 + 0.001).to(device)
-
-    model.__dict__["sample_noise"], model.__dict__["sample_time"] = sample_noise, sample_time
-    try:
-        yield
-    finally:
-        model.__dict__.pop("sample_noise", None)
-        model.__dict__.pop("sample_time", None)
+    state = apt_state(policy)
+    if state is None or "index" not in batch:
+        raise RuntimeError("--ds.deterministic_noise needs an APT policy and batches with an 'index' key "
+                           "(LeRobotDataset).")
+    return state.adapter.seeded_noise(policy, [int(i) for i in batch["index"].flatten().tolist()])
 
 
 def _optimizer_state_elements(engine: Any) -> int:
