@@ -335,7 +335,9 @@ def state_marker_id() -> int:
             import sentencepiece
 
             sp = sentencepiece.SentencePieceProcessor(model_proto=cached.read_bytes())
-            return int(sp.encode(", State: 0", add_bos=False)[1])
+            piece = sp.piece_to_id("\u2581State")
+            if piece != sp.unk_id():
+                return int(piece)
     except Exception:  # noqa: BLE001 - any failure means the tokenizer is not usable offline
         pass
     raise LanguageMaskError(
