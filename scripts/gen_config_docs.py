@@ -55,8 +55,9 @@ NOTES: dict[str, str] = {
         "weights, biases) go to `vlm_no_decay` with weight decay 0 whatever this value is."
     ),
     "fusion_lr_multiplier": (
-        "Stage 2 only (the fusion group does not exist in Stage 1). Groups `fusion` and "
-        "`fusion_no_decay`; the gate logits and the fusion norm weights are 1-D and get no weight decay."
+        "Stage 2 only (the fusion group does not exist in Stage 1). Groups `fusion`, `fusion_no_decay` "
+        "(the 1-D norm weights, no weight decay) and `fusion_gate` (the gate logits, at this rate times "
+        "`gate_lr_multiplier`, no weight decay)."
     ),
     "gate_lr_multiplier": (
         "Stage 2 only. The gate logits form their own optimizer group `fusion_gate` (weight decay 0) "
