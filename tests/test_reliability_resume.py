@@ -1,10 +1,12 @@
-"""A run killed mid-way and resumed ends bit-identical to an uninterrupted run (weights and optimizer).
+"""A run killed mid-way keeps its exact state; resumed, it ends where an uninterrupted run ends.
 
 Both training paths, on CPU with fixed seeds and the tiny real pi0 of the test plugin:
 
 - ``lerobot-train`` (LeRobot's own loop, APT policy types), Stage 1 and Stage 2 (promoted from the
   Stage-1 result): run A trains 6 steps uninterrupted; run B trains the same, is SIGKILLed at a
-  seeded random instant after its step-2 checkpoint, and resumes from ``checkpoints/last``.
+  seeded random instant after its step-2 checkpoint, and resumes from ``checkpoints/last``. Its
+  checkpoints equal A's bit for bit and resuming is deterministic, but LeRobot's loop shifts the
+  RNG stream on resume, so the end state is not A's (the reason is in the test's docstring).
 - ``python -m apt_plugins.deepspeed.train`` (ZeRO-2, one process): the same, and the kill also
   lands in the DeepSpeed step-checkpoint writes (saved every step), which must leave every step
   directory absent or complete and ``last`` pointing at a complete one.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,22 +118,54 @@ def _assert_lerobot_identical(full: Path, resumed: Path, step: str) -> None:
             assert (a / "training_state" / name).read_text() == (b / "training_state" / name).read_text(), name
 
 
+def _copy_run_at(source: Path, step: str, target: Path) -> None:
+    """What a run killed right after its ``step`` checkpoint leaves, built from another run's files."""
+    shutil.copytree(source / "checkpoints" / step, target / "checkpoints" / step)
+    (target / "checkpoints" / "last").symlink_to(step)
+    config = target / "checkpoints" / step / "pretrained_model" / "train_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "output_dir": str(target)}, indent=4))
+
+
+def _resume(ws: Path, run: Path) -> None:
+    last = run / "checkpoints" / "last" / "pretrained_model"
+    _run(ws, [str(BIN / "lerobot-train"), f"--config_path={last / 'train_config.json'}", "--resume=true",
+              "--env.discover_packages_path=apt_tiny_pi"])
+
+
 @pytest.mark.slow
-def test_lerobot_train_resume_is_bit_exact_in_both_stages(ws):
+def test_lerobot_train_killed_run_keeps_exact_state_and_resumes_deterministically(ws):
+    """lerobot-train (LeRobot's loop): the strongest claim that holds, see docs/reliability.md.
+
+    Not bit-identical to the uninterrupted run: LeRobot 0.6.1 restores the RNG in
+    ``load_training_state`` and only then creates the DataLoader iterator, whose base seed is drawn
+    from that RNG; the uninterrupted run drew it before step 1, so after a resume the flow noise
+    stream is one draw ahead. What holds, and is checked: the checkpoint a killed run leaves is
+    bit-identical to the uninterrupted run's at that step (weights, optimizer, scheduler, RNG), and
+    resuming is deterministic: two resumes from that state end bit-identical, weights and optimizer.
+    """
     rng = random.Random(SEED)
-    notes = {}
+    reached = {}
     for stage in (1, 2):
         extra = ["--policy.type=apt_pi0", f"--policy.apt.stage={stage}", *TINY]
         if stage == 2:
             extra.append(f"--policy.pretrained_path={ws / 'full1' / 'checkpoints' / f'{STEPS:06d}' / 'pretrained_model'}")
         full, broken = ws / f"full{stage}", ws / f"broken{stage}"
         _run(ws, _lerobot_train(ws, full, *extra))
-        notes[stage] = _run_and_kill(ws, _lerobot_train(ws, broken, *extra), broken, after_step=2, rng=rng)
-        last = broken / "checkpoints" / "last" / "pretrained_model"
-        _run(ws, [str(BIN / "lerobot-train"), f"--config_path={last / 'train_config.json'}", "--resume=true",
-                  "--env.discover_packages_path=apt_tiny_pi"])
-        _assert_lerobot_identical(full, broken, f"{STEPS:06d}")
-    print(notes)
+        reached[stage] = _run_and_kill(ws, _lerobot_train(ws, broken, *extra), broken, after_step=2, rng=rng)
+        kept = os.readlink(broken / "checkpoints" / "last")
+        # Every checkpoint up to `last` (LeRobot moves `last` only after a complete save) equals A's.
+        for step in sorted(p.name for p in (broken / "checkpoints").iterdir() if p.name.isdigit()):
+            if int(step) <= int(kept):
+                _assert_lerobot_identical(full, broken, step)
+        _same_tensors(full / "checkpoints" / kept / "training_state" / "rng_state.safetensors",
+                      broken / "checkpoints" / kept / "training_state" / "rng_state.safetensors")
+        _resume(ws, broken)
+        if stage == 1:
+            twin = ws / "twin1"
+            _copy_run_at(full, kept, twin)
+            _resume(ws, twin)
+            _assert_lerobot_identical(twin, broken, f"{STEPS:06d}")
+    print(reached)
 
 
 @pytest.mark.slow
