@@ -31,7 +31,6 @@ interleaved, median. Ratios and targets are the LeRobot pi benchmark's (``bench_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import json
 import multiprocessing as mp
@@ -137,7 +136,8 @@ def train_worker(policy: str, config: str, s: dict[str, Any], steps: int, warmup
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-        first = float(loss) if i == 0 else first
+        if i == 0:
+            first = float(loss)
     growth = (peak.stop() - baseline) / 2**20
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     Path(out).write_text(json.dumps(dict(step_s=statistics.median(times), steps=times, peak_growth_mib=growth,

@@ -223,8 +223,6 @@ def retrofit_checkpoint(src: str | Path, out: str | Path, apt: AptConfig | dict[
 
     :raises CheckpointMismatchError: the source does not match ``model_config``.
     """
-    import safetensors.torch
-
     src, out = Path(src), Path(out)
     apt = AptConfig.parse(apt)
     if (src / "apt_manifest.json").is_file():

@@ -110,3 +110,17 @@ def test_openpi_retrofit_cli(ws):
               "--keep-language-paths", "--openpi-config", "debug")
     assert "probe: max |actions(source) - actions(retrofit)|" in out
     assert json.loads((ws / "retro" / "apt_manifest.json").read_text())["stage"] == 2
+
+
+def test_stage1_ddp_two_processes(ws):
+    # openpi's own DDP path (gloo on CPU): torchrun starts the same openpi-train command per process.
+    env = {**os.environ, "PYTHONPATH": str(ws / "plugins"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nnodes=1", "--nproc_per_node=2", str(BIN / "apt-plugins"),
+           "openpi-train", "--import", "apt_tiny_openpi", "debug", "--exp_name=ddp", f"--checkpoint_base_dir={ws / 'ck'}",
+           "--num_train_steps=2", *COMMON, "--apt.stage=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ws)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "world_size=2" in out and out.count("APT stage 1 on adapter 'openpi_pi0'") == 2
+    assert json.loads((ws / "ck" / "debug" / "ddp" / "1" / "apt_manifest.json").read_text())["stage"] == 1
