@@ -7,7 +7,8 @@ Both training paths, on CPU with fixed seeds and the tiny real pi0 of the test p
   seeded random instant after its step-2 checkpoint, and resumes from ``checkpoints/last``. Its
   checkpoints equal A's bit for bit and resuming is deterministic, but LeRobot's loop shifts the
   RNG stream on resume, so the end state is not A's (the reason is in the test's docstring).
-- ``python -m apt_plugins.deepspeed.train`` (ZeRO-2, one process): the same, and the kill also
+- ``python -m apt_plugins.deepspeed.train`` (ZeRO-2, one process), Stage 1 and Stage 2: the same
+  (bit-identical end state, weights and DeepSpeed's optimizer state), and the kill also
   lands in the DeepSpeed step-checkpoint writes (saved every step), which must leave every step
   directory absent or complete and ``last`` pointing at a complete one.
 
@@ -170,34 +171,38 @@ def test_lerobot_train_killed_run_keeps_exact_state_and_resumes_deterministicall
 
 @pytest.mark.slow
 def test_deepspeed_resume_after_a_kill_is_bit_exact_and_checkpoints_stay_whole(ws):
-    from lerobot.utils.random_utils import load_rng_state  # noqa: F401  (the format the entry point writes)
-
     rng = random.Random(SEED + 1)
-    extra = ["--policy.type=apt_pi0", "--policy.apt.stage=1", *TINY]
-    full, broken = ws / "ds_full", ws / "ds_broken"
-    _run(ws, _deepspeed_train(ws, full, *extra))
-    note = _run_and_kill(ws, _deepspeed_train(ws, broken, *extra), broken, after_step=2, rng=rng)
-    checkpoints = broken / "checkpoints"
-    # Whatever the kill interrupted: each step directory is complete, `last` points at one of them.
-    steps = sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit())
-    for name in steps:
-        for rel in ("pretrained_model/model.safetensors", "pretrained_model/apt_manifest.json",
-                    "pretrained_model/train_config.json", "training_state/training_step.json",
-                    "training_state/rng/rank0/rng_state.safetensors", "training_state/deepspeed/state"):
-            assert (checkpoints / name / rel).exists(), f"{name}/{rel} missing: a partial step checkpoint"
-    assert os.readlink(checkpoints / "last") == steps[-1]
-    last = checkpoints / "last" / "pretrained_model"
-    _run(ws, [sys.executable, "-m", "apt_plugins.deepspeed.train", "--ds.recipe=stage1_zero2",
-              f"--config_path={last / 'train_config.json'}", "--resume=true", "--env.discover_packages_path=apt_tiny_pi"])
-    assert temporaries(checkpoints) == [], "a temporary directory was left behind"
-    a, b = full / "checkpoints" / f"{STEPS:06d}", broken / "checkpoints" / f"{STEPS:06d}"
-    _same_tensors(a / "pretrained_model" / "model.safetensors", b / "pretrained_model" / "model.safetensors")
-    # Optimizer state: DeepSpeed's own files (torch pickles written by DeepSpeed itself); compare tensors.
-    for path in sorted((a / "training_state" / "deepspeed" / "state").iterdir()):
-        x = torch.load(path, map_location="cpu", weights_only=False)
-        y = torch.load(b / "training_state" / "deepspeed" / "state" / path.name, map_location="cpu", weights_only=False)
-        _assert_nested_equal(x, y, path.name)
-    print(note)
+    reached = {}
+    for stage in (1, 2):
+        recipe = f"--ds.recipe=stage{stage}_zero2"
+        extra = [recipe, "--policy.type=apt_pi0", f"--policy.apt.stage={stage}", *TINY]
+        if stage == 2:  # promoted from the Stage-1 run's result
+            extra.append(f"--policy.pretrained_path={ws / 'ds_full1' / 'checkpoints' / f'{STEPS:06d}' / 'pretrained_model'}")
+        full, broken = ws / f"ds_full{stage}", ws / f"ds_broken{stage}"
+        _run(ws, _deepspeed_train(ws, full, *extra))
+        reached[stage] = _run_and_kill(ws, _deepspeed_train(ws, broken, *extra), broken, after_step=2, rng=rng)
+        checkpoints = broken / "checkpoints"
+        # Whatever the kill interrupted: each step directory is complete, `last` points at the newest.
+        steps = sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit())
+        for name in steps:
+            for rel in ("pretrained_model/model.safetensors", "pretrained_model/apt_manifest.json",
+                        "pretrained_model/train_config.json", "training_state/training_step.json",
+                        "training_state/rng/rank0/rng_state.safetensors", "training_state/deepspeed/state"):
+                assert (checkpoints / name / rel).exists(), f"{name}/{rel} missing: a partial step checkpoint"
+        assert os.readlink(checkpoints / "last") == steps[-1]
+        last = checkpoints / "last" / "pretrained_model"
+        _run(ws, [sys.executable, "-m", "apt_plugins.deepspeed.train", recipe, f"--config_path={last / 'train_config.json'}",
+                  "--resume=true", "--env.discover_packages_path=apt_tiny_pi"])
+        assert temporaries(checkpoints) == [], "a temporary directory was left behind"
+        a, b = full / "checkpoints" / f"{STEPS:06d}", broken / "checkpoints" / f"{STEPS:06d}"
+        _same_tensors(a / "pretrained_model" / "model.safetensors", b / "pretrained_model" / "model.safetensors")
+        # Optimizer state: DeepSpeed's own files (pickles DeepSpeed wrote in this test); compare every tensor.
+        for path in sorted((a / "training_state" / "deepspeed" / "state").iterdir()):
+            x = torch.load(path, map_location="cpu", weights_only=False)
+            y = torch.load(b / "training_state" / "deepspeed" / "state" / path.name, map_location="cpu",
+                           weights_only=False)
+            _assert_nested_equal(x, y, path.name)
+    print(reached)
 
 
 def _assert_nested_equal(x, y, where: str) -> None:
