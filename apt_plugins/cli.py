@@ -150,8 +150,10 @@ def _cmd_repro(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("seeds", args.seeds), ("workers", args.workers)) if v is not None}
     config = {**(QUICK if args.quick else FULL), **overrides}
+    paths = {k: v for k, v in (("workdir", args.workdir if args.workdir != "runs/repro" else None),
+                               ("report", args.report)) if v is not None}
     command = "apt-plugins repro" + (" --quick" if args.quick else "") + "".join(
-        f" --{k} {v}" for k, v in overrides.items())
+        f" --{k} {v}" for k, v in {**overrides, **paths}.items())
     run_repro(args.workdir, config, report_path=args.report, command=command)
     return 0
 

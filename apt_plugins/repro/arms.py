@@ -20,7 +20,6 @@ is ``lerobot-train``'s update (forward, backward, grad-norm clip, optimizer, sch
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -248,10 +247,3 @@ def settings_dict(settings: TrainSettings) -> dict:
     """JSON-friendly settings (for worker processes)."""
     return asdict(settings)
 
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    if not values:
-        return math.nan, math.nan
-    m = float(np.mean(values))
-    return m, float(np.std(values, ddof=1)) if len(values) > 1 else 0.0

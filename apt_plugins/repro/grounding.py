@@ -110,8 +110,8 @@ def grounding_accuracy(policy: Any, tokenizer: Tokenizer, n: int = 512, seed: in
     return out
 
 
-def pretrain_vlm(cache: Path, tokenizer: Tokenizer, size: ModelSize, steps: int, batch_size: int = 64,
-                 lr: float = 2e-3, seed: int = 0, log=print) -> dict[str, torch.Tensor]:
+def pretrain_vlm(cache: Path, tokenizer: Tokenizer, size: ModelSize, steps: int, batch_size: int = 32,
+                 lr: float = 3e-3, seed: int = 0, log=print) -> dict[str, torch.Tensor]:
     """Train (or load from ``cache``) the grounding VLM; return its PaliGemma state dict."""
     from safetensors.torch import load_file, save_file
 

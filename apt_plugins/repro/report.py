@@ -16,6 +16,9 @@ SPLIT_LABELS = {
     "unseen": "unseen colour/shape combination",
     "newscene": "new layouts",
 }
+#: one colour per arm in every plot
+ARM_COLOURS = {"stock_full": "tab:blue", "stock_expert": "tab:orange", "apt_frozen": "tab:green",
+               "apt_lora": "tab:red", "apt_frozen_gate1": "tab:purple"}
 ARM_LABELS = {
     "stock_full": "stock pi0, full fine-tune (VLM trains)",
     "stock_expert": "stock pi0, expert only (VLM frozen)",
@@ -78,7 +81,8 @@ def _plots(out_dir: Path, summary: dict) -> list[str]:
         for i, arm in enumerate(arms):
             means = [table[arm][f"{s}.{metric}"][0] for s in SPLIT_LABELS]
             stds = [table[arm][f"{s}.{metric}"][1] for s in SPLIT_LABELS]
-            ax.bar(np.arange(len(SPLIT_LABELS)) + i * width, means, width, yerr=stds, label=ARM_LABELS[arm], capsize=2)
+            ax.bar(np.arange(len(SPLIT_LABELS)) + i * width, means, width, yerr=stds, label=ARM_LABELS[arm], capsize=2,
+                   color=ARM_COLOURS[arm])
         ax.set_xticks(np.arange(len(SPLIT_LABELS)) + width * (len(arms) - 1) / 2)
         ax.set_xticklabels(list(SPLIT_LABELS), rotation=0)
         ax.set(ylim=(0, 1), ylabel=metric, title=f"{title}; mean ± std over seeds")
@@ -105,9 +109,10 @@ def _plots(out_dir: Path, summary: dict) -> list[str]:
                     gy.append(float(np.mean(gates)))
             if curve:
                 offset += curve[-1][0]
-        axes[0].plot(xs, ys, label=ARM_LABELS.get(run["arm"], run["arm"]), lw=1)
+        style = dict(label=ARM_LABELS.get(run["arm"], run["arm"]), color=ARM_COLOURS.get(run["arm"]), lw=1)
+        axes[0].plot(xs, ys, **style)
         if gy:
-            axes[1].plot(gx, gy, label=ARM_LABELS.get(run["arm"], run["arm"]), lw=1)
+            axes[1].plot(gx, gy, **style)
     axes[0].set(title="training loss, seed 0 (pretraining, then post-training)", xlabel="step", ylabel="loss",
                 yscale="log")
     axes[0].legend(fontsize=7)

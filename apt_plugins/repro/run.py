@@ -36,7 +36,7 @@ class ReproConfig(BaseModel):
     posttrain_episodes: int = Field(4, ge=1, description="episodes per (layout, instruction) in post-training")
     second_instruction: float = Field(0.15, ge=0, le=1, description="fraction of post-training layouts with a 2nd instruction")
     eval_episodes: int = Field(300, ge=3, description="episodes per evaluation split")
-    vlm_steps: int = Field(3000, ge=1, description="grounding pretraining steps of the VLM")
+    vlm_steps: int = Field(1500, ge=1, description="grounding pretraining steps of the VLM")
     pretrain_steps: int = Field(1200, ge=2, description="robot pretraining steps per arm (APT: half Stage 1, half Stage 2)")
     posttrain_steps: int = Field(600, ge=1, description="post-training steps per arm")
     batch_size: int = Field(32, ge=1, description="training batch size")
@@ -74,8 +74,6 @@ def run_repro(workdir: str | Path = "runs/repro", config: ReproConfig | dict | N
     :returns: the aggregated results (also written to ``<workdir>/results.json``).
     :raises AptConfigError: a bad ``config`` value (``repro.<field>``), before anything is written.
     """
-    import numpy as np
-
     from .arms import JOBS, TrainSettings, run_seed_job, settings_dict
     from .data import SplitSizes, write_splits
     from .grounding import pretrain_vlm
@@ -147,7 +145,6 @@ def run_repro(workdir: str | Path = "runs/repro", config: ReproConfig | dict | N
                      image_dir=Path(report_path).parent / "repro")
     _say(text.split("## Results")[1].split("##")[0] if "## Results" in text else text)
     _say(f"== repro done in {time.time() - start:.0f} s; report {ws / 'report.md'}")
-    del np
     return summary
 
 
