@@ -69,7 +69,7 @@ def test_pristine_checkpoints_load(kit, checkpoints):
     kit.load(checkpoints / "plain", AptConfig(stage=1))
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fraction=st.floats(min_value=0.0, max_value=1.0, exclude_max=True))
 def test_truncated_weights_are_refused_at_any_length(kit, checkpoints, tmp_path, fraction):
