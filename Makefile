@@ -24,7 +24,7 @@ openpi-env:
 bench: env
 	.venv/bin/python benchmarks/bench_pi.py
 
-# The CPU-scale reproduction (about 30 minutes on 2 cores); writes docs/repro_results.md and its plots.
+# The CPU-scale reproduction (about 45 minutes on 2 cores, VLM pretraining included); writes docs/repro_results.md and its plots.
 repro: env
 	OMP_NUM_THREADS=1 .venv/bin/apt-plugins repro --report docs/repro_results.md
 
