@@ -168,7 +168,8 @@ def load_split(directory: Path, first_frame_only: bool = False) -> dict:
     directory = Path(directory)
     cache = directory / f"tensors_{'first' if first_frame_only else 'train'}.pt"
     if cache.exists():
-        return torch.load(cache, weights_only=False)
+        # Tensors, lists and strings only: no pickle of arbitrary objects, like every other load here.
+        return torch.load(cache, weights_only=True)
     ds = LeRobotDataset(f"local/{directory.name}", root=directory,
                         delta_timestamps={"action": [i / FPS for i in range(world.CHUNK)]})
     frame_index = np.asarray(ds.hf_dataset["frame_index"])
