@@ -10,11 +10,14 @@ Run from the repository root (random weights built from LeRobot's own configs; n
 Every (policy, configuration) runs alone in a child process, one after the other. A watchdog in this
 process samples the child's RSS every 50 ms and kills it with SIGKILL as soon as it passes
 ``--cap-gb``; that row then reads "exceeds N GB" instead of letting the machine swap or the kernel's
-OOM killer hit other processes. Before each child starts, the script waits (up to ``--wait-memory``
+OOM killer hit other processes; it also kills the child when the machine's available memory falls
+below ``--floor-gb`` (other processes grew), reported as "stopped". Before each child starts, the script waits (up to ``--wait-memory``
 seconds) until the machine has ``cap + 0.5 GB`` available, and otherwise marks the row "not measured".
 
 The child builds the policy in bfloat16 directly: ``torch.set_default_dtype(torch.bfloat16)`` while
-the modules are constructed, so no float32 copy of the 3.3B parameters ever exists, then LeRobot's own
+the modules are constructed (and transformers' per-sub-model ``local_torch_dtype``, which would
+apply the float32 LeRobot writes into the Gemma/SigLIP configs, routed to bfloat16), so no float32
+copy of the 3.3B parameters ever exists, then LeRobot's own
 ``dtype="bfloat16"`` handling keeps the vision tower, projector and norms in float32 as the host does.
 It then runs ``--steps`` training steps (``forward`` + ``backward`` + ``AdamW.step``) and reports the
 kernel's RSS high-water mark (``VmHWM``): the whole process's peak, weights included. The parent's
@@ -69,12 +72,24 @@ def child(policy: str, config: str, batch: int, steps: int, threads: int, quick:
     build_config, extra = config, None
     if config == "apt_stage2_lora":
         build_config, extra = "apt_stage2", dict(vlm_mode="lora")
+    import transformers.modeling_utils as hf_modeling
+
+    # Parameters are born bf16, so no fp32 copy of 3.3B weights ever exists. transformers builds each
+    # sub-model under its config's dtype (LeRobot sets float32 there), through local_torch_dtype;
+    # route that to bfloat16 too while the policy is built.
+    hf_local_dtype = hf_modeling.local_torch_dtype
+
+    def bf16_local_dtype(dtype, model_class_name=None):
+        return hf_local_dtype(torch.bfloat16 if dtype == torch.float32 else dtype, model_class_name)
+
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # parameters are born bf16: no fp32 copy of 3.3B weights
+    torch.set_default_dtype(torch.bfloat16)
+    hf_modeling.local_torch_dtype = bf16_local_dtype
     try:
         pol = common.build_policy(policy, build_config, s, apt_extra=extra)
     finally:
         torch.set_default_dtype(previous)
+        hf_modeling.local_torch_dtype = hf_local_dtype
     # LeRobot's dtype="bfloat16" casts paligemma_with_expert only (keeping its vision tower, projector and
     # norms in float32); the small projections around it stay float32. Restore that layout for what the
     # bf16 default created outside it (a few MB).
@@ -155,6 +170,11 @@ def measure(policy: str, config: str, args: argparse.Namespace) -> dict[str, Any
         if rss > cap * GB:
             proc.send_signal(signal.SIGKILL)  # before the machine swaps or the OOM killer picks a victim
             outcome = "exceeds"
+        elif available_bytes() < args.floor_gb * GB:
+            # Other processes grew meanwhile: give the memory back before the kernel picks a victim.
+            proc.send_signal(signal.SIGKILL)
+            outcome = "stopped"
+            low = available_bytes() / GB
         elif time.monotonic() - started > args.timeout:
             proc.send_signal(signal.SIGKILL)
             outcome = "timed out"
@@ -165,6 +185,9 @@ def measure(policy: str, config: str, args: argparse.Namespace) -> dict[str, Any
     row = dict(outcome=outcome or ("ok" if last.get("phase") == "done" else "failed"), cap_gb=cap,
                sampled_peak_gb=peak / GB, wall_s=time.monotonic() - started, phase=last.get("phase"),
                **{k: v for k, v in last.items() if k != "phase"})
+    if row["outcome"] == "stopped":
+        row["reason"] = (f"machine memory ran low ({low:.1f} GB available, floor {args.floor_gb:g} GB) at "
+                         f"{peak / GB:.1f} GB; re-run on a quieter machine")
     if row["outcome"] == "failed":
         row["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
     return row
@@ -211,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-cap-gb", type=float, default=None,
                     help="when cap + 0.5 GB never became available, measure under a lower cap (what is available "
                          "minus 0.5 GB) if that is at least this many GB; the row records the cap it ran under")
+    ap.add_argument("--floor-gb", type=float, default=1.0,
+                    help="also kill the child when the machine's available memory falls below this (other "
+                         "processes grew), so the kernel's OOM killer never has to pick a victim")
     ap.add_argument("--timeout", type=float, default=1800.0, help="kill a child that runs longer (seconds)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script and the watchdog")
     ap.add_argument("--json-out", type=Path, default=None)

@@ -60,7 +60,7 @@ def test_bad_memory_budget_is_a_usage_error(capsys):
 
 def _memory_args(**kw):
     defaults = dict(batch=1, steps=1, threads=1, cap_gb=4.0, wait_memory=5.0, timeout=600.0, quick=True,
-                    min_cap_gb=None)
+                    min_cap_gb=None, floor_gb=0.0)
     return argparse.Namespace(**{**defaults, **kw})
 
 
