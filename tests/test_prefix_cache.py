@@ -216,3 +216,17 @@ def test_memory_budget_units_and_content_keys():
     assert content_key(x) == content_key(x.clone()) != content_key(x.reshape(3, 2)) != content_key(x.double())
     with pytest.raises(PrefixCacheError, match="memory budget"):
         PrefixCache("memory:nope")
+
+
+def test_cache_fields_parse_from_the_lerobot_cli():
+    import draccus
+
+    from apt_plugins_lerobot_pi.configuration_apt_pi0 import APTPI0Config
+
+    cfg = draccus.parse(APTPI0Config, args=["--apt.prefix_cache=memory:8GB", "--apt.prefix_cache_dtype=model",
+                                            "--apt.attention=sdpa", "--device=cpu"])
+    parsed = AptConfig.from_settings(cfg.apt)
+    assert (parsed.prefix_cache, parsed.prefix_cache_dtype, parsed.attention) == ("memory:8GB", "model", "sdpa")
+    with pytest.raises(AptConfigError, match=r"policy\.apt\.prefix_cache=.*needs a frozen VLM"):
+        draccus.parse(APTPI0Config, args=["--apt.stage=2", "--apt.vlm_mode=lora", "--apt.prefix_cache=/tmp/c",
+                                          "--device=cpu"])
