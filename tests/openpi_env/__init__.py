@@ -1,0 +1,1 @@
+"""Tests that run in the openpi environment (a package, so its conftest does not shadow tests/conftest.py)."""
