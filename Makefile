@@ -13,7 +13,7 @@ demo: env
 # Two workers (CI has 2 cores); a test module stays on one worker so its module-scoped fixtures
 # (trained checkpoints) are built once, and one torch thread per worker avoids oversubscription.
 test: env openpi-env
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -n 2 --dist loadfile --durations=15
 	@if [ -x .venv-openpi/bin/python ]; then OMP_NUM_THREADS=1 .venv-openpi/bin/python -m pytest tests/openpi_env -n 2 --dist loadfile; \
 	else echo "==> openpi tests skipped: no .venv-openpi (no openpi snapshot; see docs/openpi.md)"; fi
 

@@ -9,7 +9,8 @@ Public API (everything an adapter or a user needs; in-tree adapters use nothing 
   :func:`fingerprint`
 - training speed: :class:`PrefixCache` (the ``apt.prefix_cache`` store)
 - modules (torch, imported lazily): :class:`GatedCrossAttention`, :class:`SigmoidGate`,
-  :class:`RMSNorm`, :func:`block_language`
+  :class:`RMSNorm`, :func:`block_language`;
+  token compaction for bit-exact Stage 1: :func:`visible_first`, :func:`gather_tokens`, :func:`gather_mask`
 - errors: :class:`AptError` and its subclasses.
 
 ``import apt_plugins`` does not import torch, lerobot or deepspeed.
@@ -69,6 +70,8 @@ __all__ = [
     "explain_mismatch",
     "block_language",
     "fingerprint",
+    "gather_mask",
+    "gather_tokens",
     "gate_statistics",
     "get_plugin_manager",
     "hookimpl",
@@ -76,6 +79,7 @@ __all__ = [
     "param_groups",
     "prepare_stage",
     "read_manifest",
+    "visible_first",
     "write_manifest",
 ]
 
@@ -84,6 +88,9 @@ _LAZY = {
     "SigmoidGate": "gating",
     "RMSNorm": "gating",
     "block_language": "masks",
+    "gather_mask": "masks",
+    "gather_tokens": "masks",
+    "visible_first": "masks",
     "PrefixCache": "prefix_cache",
 }
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 from transformers.feature_extraction_utils import BatchFeature
 
-from apt_plugins import AptConfig, AptConfigError, GatedCrossAttention, LanguageMaskError
+from apt_plugins import AptConfig, AptConfigError, GatedCrossAttention, LanguageMaskError, gather_tokens, visible_first
 
 __all__ = ["APTGR00TN17", "GrootFusionLayer", "VLContext", "install", "fusion_layers", "language_tokens"]
 
@@ -110,19 +110,6 @@ def _row_draw(head: nn.Module, kind: str, draw: Any, shape: tuple[int, ...], dev
     offset = {"noise": 17, "state_dropout": 29}[kind]
     rows = [draw((1, *shape[1:]), generator=torch.Generator().manual_seed(1_000_003 * s + offset)) for s in seeds]
     return torch.cat(rows).to(device=device, dtype=dtype)
-
-
-def _take(x: Tensor, index: Tensor) -> Tensor:
-    """Gather along dim 1 for every trailing dim: ``x[b, index[b]]``."""
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
-
-
-def _split(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices putting the ``keep`` tokens first (stable order), trimmed to the batch maximum; validity."""
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-    width = max(1, int(keep.sum(dim=1).max()))
-    index = order[:, :width]
-    return index, keep.gather(1, index)
 
 
 def language_tokens(input_ids: Tensor, valid: Tensor, image_token_id: int, vision_end_id: int | None) -> Tensor:
@@ -260,8 +247,8 @@ class APTGR00TN17(GR00TN17):
         backbone._ensure_mm_token_type_ids(full)
         backbone._ensure_legacy_qwen3_position_ids(full)
         positions = full["position_ids"]  # (4, B, T): text row + t/h/w rows
-        index, keep = _split(language)
-        ids = torch.where(keep, _take(base["input_ids"], index), torch.zeros_like(index))
+        index, keep = visible_first(language)
+        ids = torch.where(keep, gather_tokens(base["input_ids"], index), torch.zeros_like(index))
         positions = positions.gather(2, index[None].expand(positions.shape[0], -1, -1).to(positions.device))
         mask = torch.cat((visible_valid, keep), dim=1).long()
         captured: dict[str, Tensor] = {}
@@ -299,15 +286,15 @@ class APTGR00TN17(GR00TN17):
             if fusion is not None:
                 ctx.fusion_features, ctx.fusion_valid = full, (valid & language) if only_language else valid
             return ctx
-        index, keep = _split(valid & ~language)
+        index, keep = visible_first(valid & ~language)
         # Invalid slots of the compacted batch must not hold image/video ids (the VLM counts them).
         fill = torch.zeros_like(ids[:, :1]).expand(-1, index.shape[1])
-        compact = dict(base, input_ids=torch.where(keep, _take(ids, index), fill), attention_mask=keep.long())
+        compact = dict(base, input_ids=torch.where(keep, gather_tokens(ids, index), fill), attention_mask=keep.long())
         continued = fusion is not None and self._apt_can_continue()
         cache = DynamicCache(config=self.backbone.language_model.config) if continued else None
         visible = head.vlln(self._apt_backbone(compact, cache=cache))
         features = _masked_self_attention(head.vl_self_attention, visible, keep)
-        ctx = VLContext(features, keep, _take(image, index) & keep, masked=True)
+        ctx = VLContext(features, keep, gather_tokens(image, index) & keep, masked=True)
         if continued:
             types = {k: backbone_inputs[k] for k in ("mm_token_type_ids",) if k in backbone_inputs}
             lang, lang_valid = self._apt_language_continuation(dict(base, **types), language, keep, cache)

@@ -39,7 +39,16 @@ from lerobot.policies.pi_gemma import _gated_residual, layernorm_forward
 from torch import Tensor, nn
 from transformers.models.gemma import modeling_gemma
 
-from apt_plugins import AptConfig, GatedCrossAttention, LanguageMaskError, PrefixCache, PrefixCacheError
+from apt_plugins import (
+    AptConfig,
+    GatedCrossAttention,
+    LanguageMaskError,
+    PrefixCache,
+    PrefixCacheError,
+    gather_mask,
+    gather_tokens,
+    visible_first,
+)
 from apt_plugins.prefix_cache import content_key
 
 __all__ = ["APTPI0Pytorch", "APTPI05Pytorch", "PrefixContext", "install", "fusion_layers", "bind_task_mask",
@@ -62,25 +71,6 @@ class PrefixContext:
     language: Tensor | None = None  # (B, L) valid hidden language tokens
     language_kv: list[tuple[Tensor, Tensor]] | None = None  # per VLM layer, (B, KV, L, head_dim)
     fusion: tuple[list[tuple[Tensor, Tensor]], Tensor] | None = None  # built once, reused every denoising step
-
-
-def _take(x: Tensor, index: Tensor) -> Tensor:
-    """Gather along dim 1 for every trailing dim: ``x[b, index[b]]``."""
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
-
-
-def _take_2d(mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``mask[b, rows[b]][:, cols[b]]`` for a (B, P, P) mask."""
-    picked = mask.gather(1, rows[:, :, None].expand(-1, -1, mask.shape[2]))
-    return picked.gather(2, cols[:, None, :].expand(-1, rows.shape[1], -1))
-
-
-def _split(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices putting the ``keep`` tokens first (stable order), trimmed to the batch maximum; validity."""
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-    width = max(1, int(keep.sum(dim=1).max()))  # one (invalid) slot when nothing is kept: no empty tensors
-    index = order[:, :width]
-    return index, keep.gather(1, index)
 
 
 def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask4d: Tensor, attention: str) -> Tensor:
@@ -223,19 +213,19 @@ class APTPiMixin:
             if not cfg.masks_language_in_inherited_layers:
                 kv = self._apt_run_vlm(lm, embs, att_2d, usual)
                 return PrefixContext(visible=pad, visible_kv=kv, visible_is_language=language, offset=pad.sum(dim=-1))
-            index, visible = _split(pad & ~language)
+            index, visible = visible_first(pad & ~language)
             positions = (torch.cumsum(visible, dim=1) - 1).clamp(min=0)
-            mask = _take_2d(att_2d, index, index) & visible[:, None, :]
-            visible_kv = self._apt_run_vlm(lm, _take(embs, index), mask, positions)
+            mask = gather_mask(att_2d, index, index) & visible[:, None, :]
+            visible_kv = self._apt_run_vlm(lm, gather_tokens(embs, index), mask, positions)
             prefix = PrefixContext(visible=visible, visible_kv=visible_kv, visible_is_language=torch.zeros_like(visible),
                                    offset=visible.sum(dim=-1))
             if cfg.stage == 2:
-                lang_index, lang_valid = _split(language)
-                rows = _take_2d(att_2d, lang_index, torch.cat([index, lang_index], dim=1))
+                lang_index, lang_valid = visible_first(language)
+                rows = gather_mask(att_2d, lang_index, torch.cat([index, lang_index], dim=1))
                 mask = rows & torch.cat([visible, lang_valid], dim=1)[:, None, :]
                 prefix.language = lang_valid
                 prefix.language_kv = self._apt_run_vlm(
-                    lm, _take(embs, lang_index), mask, _take(usual, lang_index), context=visible_kv
+                    lm, gather_tokens(embs, lang_index), mask, gather_tokens(usual, lang_index), context=visible_kv
                 )
         return prefix
 

@@ -40,7 +40,15 @@ from lerobot.policies.smolvla.modeling_smolvla import VLAFlowMatching
 from lerobot.policies.smolvla.smolvlm_with_expert import apply_rope
 from torch import Tensor, nn
 
-from apt_plugins import AptConfig, AptConfigError, GatedCrossAttention, LanguageMaskError
+from apt_plugins import (
+    AptConfig,
+    AptConfigError,
+    GatedCrossAttention,
+    LanguageMaskError,
+    gather_mask,
+    gather_tokens,
+    visible_first,
+)
 
 __all__ = ["APTVLAFlowMatching", "PrefixContext", "install", "fusion_layers", "layer_plan"]
 
@@ -64,25 +72,6 @@ class PrefixContext:
     language: Tensor | None = None  # (B, L) valid hidden language tokens
     language_kv: list[KV] | None = None
     fusion: tuple[list[KV], Tensor] | None = None  # built once per prefix, reused every denoising step
-
-
-def _take(x: Tensor, index: Tensor) -> Tensor:
-    """Gather along dim 1 for every trailing dim: ``x[b, index[b]]``."""
-    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
-
-
-def _take_2d(mask: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``mask[b, rows[b]][:, cols[b]]`` for a (B, P, P) mask."""
-    picked = mask.gather(1, rows[:, :, None].expand(-1, -1, mask.shape[2]))
-    return picked.gather(2, cols[:, None, :].expand(-1, rows.shape[1], -1))
-
-
-def _split(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices putting the ``keep`` tokens first (stable order), trimmed to the batch maximum; validity."""
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-    width = max(1, int(keep.sum(dim=1).max()))  # one (invalid) slot when nothing is kept: no empty tensors
-    index = order[:, :width]
-    return index, keep.gather(1, index)
 
 
 def _tail(layer: nn.Module, hidden: Tensor, attn_out: Tensor) -> Tensor:
@@ -223,11 +212,11 @@ class APTVLAFlowMatching(VLAFlowMatching):
         language[:, n_img:state_at] = lang_masks.bool()
         att_2d = make_att_2d_masks(pad, att)
         with torch.set_grad_enabled(vlm_grad):
-            index, valid = _split(pad & (idx < n_img))
-            mask = _take_2d(att_2d, index, index) & valid[:, None, :]
+            index, valid = visible_first(pad & (idx < n_img))
+            mask = gather_mask(att_2d, index, index) & valid[:, None, :]
             # Images come first, so cumsum(valid)-1 over the compacted images are their stock positions.
             positions = (torch.cumsum(valid, dim=1) - 1).clamp(min=0)
-            image_kv = self._apt_run_vlm(_take(embs, index), mask, positions)
+            image_kv = self._apt_run_vlm(gather_tokens(embs, index), mask, positions)
         one = torch.ones(pad.shape[0], 1, dtype=torch.bool, device=pad.device)
         visible = torch.cat([valid, one], 1)
         state_kv = self._apt_run_vlm(state_emb.to(embs.dtype), visible[:, None, :], valid.sum(dim=1, keepdim=True),
@@ -239,12 +228,12 @@ class APTVLAFlowMatching(VLAFlowMatching):
         if cfg.stage == 2:
             # Language attends to the images and to itself (not to the state: its att bit hides it).
             with torch.set_grad_enabled(vlm_grad):
-                lang_index, lang_valid = _split(language)
-                rows = _take_2d(att_2d, lang_index, torch.cat([index, lang_index], 1))
+                lang_index, lang_valid = visible_first(language)
+                rows = gather_mask(att_2d, lang_index, torch.cat([index, lang_index], 1))
                 mask = rows & torch.cat([valid, lang_valid], 1)[:, None, :]
                 usual = torch.cumsum(pad, dim=1) - 1
                 prefix.language = lang_valid
-                prefix.language_kv = self._apt_run_vlm(_take(embs, lang_index), mask, _take(usual, lang_index),
+                prefix.language_kv = self._apt_run_vlm(gather_tokens(embs, lang_index), mask, gather_tokens(usual, lang_index),
                                                        context=image_kv)
         return prefix
 
