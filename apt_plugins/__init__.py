@@ -7,7 +7,7 @@ Public API (everything an adapter or a user needs; in-tree adapters use nothing 
 - stages: :func:`prepare_stage`, :func:`param_groups`, :func:`apt_state`, :func:`gate_statistics`
 - checkpoints: :func:`load_state_dict_strict`, :func:`read_manifest`, :func:`write_manifest`,
   :func:`fingerprint`
-- training speed: :class:`PrefixCache` (the ``apt.prefix_cache`` store)
+- training speed: :class:`PrefixCache` (the ``apt.prefix_cache`` store), :func:`content_key` (its entry keys)
 - modules (torch, imported lazily): :class:`GatedCrossAttention`, :class:`SigmoidGate`,
   :class:`RMSNorm`, :func:`block_language`;
   token compaction for bit-exact Stage 1: :func:`visible_first`, :func:`gather_tokens`, :func:`gather_mask`
@@ -69,6 +69,7 @@ __all__ = [
     "apt_state",
     "explain_mismatch",
     "block_language",
+    "content_key",
     "fingerprint",
     "gather_mask",
     "gather_tokens",
@@ -92,6 +93,7 @@ _LAZY = {
     "gather_tokens": "masks",
     "visible_first": "masks",
     "PrefixCache": "prefix_cache",
+    "content_key": "prefix_cache",
 }
 
 

@@ -45,11 +45,11 @@ from apt_plugins import (
     LanguageMaskError,
     PrefixCache,
     PrefixCacheError,
+    content_key,
     gather_mask,
     gather_tokens,
     visible_first,
 )
-from apt_plugins.prefix_cache import content_key
 
 __all__ = ["APTPI0Pytorch", "APTPI05Pytorch", "PrefixContext", "install", "fusion_layers", "bind_task_mask",
            "bind_batch_inputs", "prefix_cache_of"]
