@@ -31,7 +31,10 @@ def test_bench_openpi_quick(tmp_path):
     for p in report["policies"].values():
         assert set(p["train"]) == set(bench_openpi.TRAIN_CONFIGS)
         assert {r["name"] for r in p["ratios"]} == {t[0] for t in bench_pi.TARGETS}
-        assert all(r["value"] > 0 and r["status"] in ("PASS", "FAIL", "-") for r in p["ratios"])
+        # Times are always positive; at quick size a memory growth can round to 0 MiB, so a memory ratio may be 0.
+        assert all(r["status"] in ("PASS", "FAIL", "-") for r in p["ratios"])
+        assert all(r["value"] > 0 if r["kind"] != "mem" else r["value"] is None or r["value"] >= 0
+                   for r in p["ratios"])
         train = p["train"]
         assert train["apt_stage1"]["trainable"] < train["full_ft"]["trainable"] == train["full_ft"]["total"]
         # With the mask lifted and closed fusion, APT computes openpi's loss (fp32, same weights and noise).
