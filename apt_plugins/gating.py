@@ -101,15 +101,21 @@ class GatedCrossAttention(nn.Module):
         q = self.q_proj(self.norm(x).to(dtype)).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
         if rotate_queries is not None:
             q = rotate_queries(q)
-        groups = self.num_heads // keys.shape[1]
-        k = keys.to(dtype).repeat_interleave(groups, dim=1)
-        v = values.to(dtype).repeat_interleave(groups, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim**-0.5)
+        kv_heads, ctx = keys.shape[1], keys.shape[2]
+        groups = self.num_heads // kv_heads
+        # Grouped queries: the query heads sharing a key/value head are stacked as the rows of one
+        # matmul against it, instead of copying the keys/values once per query head (the host's
+        # repeat_kv). Every score is still one dot product over head_dim, so the values are the same.
+        q = q.reshape(bsz, kv_heads, groups * seq, self.head_dim)
+        scores = torch.matmul(q, keys.to(dtype).transpose(-1, -2)).view(bsz, self.num_heads, seq, ctx)
+        scores = scores * (self.head_dim**-0.5)
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=scores.device)
         bias = bias.masked_fill(~mask, ATTENTION_MASK_VALUE)[:, None]
-        probs = torch.softmax(scores.float() + bias, dim=-1)
-        # A query with no visible context token reads nothing (instead of a uniform mix of hidden ones).
-        probs = (probs * mask.any(dim=-1)[:, None, :, None]).to(dtype)
-        attn = torch.matmul(probs, v).transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
+        probs = torch.softmax(scores.float() + bias, dim=-1).to(dtype)
+        attn = torch.matmul(probs.view(bsz, kv_heads, groups * seq, ctx), values.to(dtype))
+        # A query with no visible context token reads nothing (instead of a uniform mix of hidden ones);
+        # zeroing its (head_dim-wide) output equals zeroing its (context-wide) probabilities.
+        attn = attn.view(bsz, self.num_heads, seq, self.head_dim) * mask.any(dim=-1)[:, None, :, None]
+        attn = attn.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
         out = self.gate() * self.o_proj(attn)
         return x + out.to(x.dtype)
