@@ -38,8 +38,9 @@ def tiny_openpi_patches(width: int | None = None, depth: int | None = None, mlp_
     """Shrink openpi's ``PI0Pytorch`` at construction time (8 query heads: openpi hard-codes them).
 
     Gemma sizes left at None keep openpi's ``dummy`` variant values (width 64, depth 4, mlp 128,
-    head_dim 16) for both stacks; ``expert_width``/``expert_mlp`` size the action expert apart.
-    Use the model config's ``paligemma_variant``/``action_expert_variant`` = ``"dummy"``.
+    head_dim 16) for both stacks. ``expert_width``/``expert_mlp`` size the action expert apart only
+    when the model config names it ``action_expert_variant="gemma_300m"`` (the patched ``get_config``
+    tells the stacks apart by variant name); with ``"dummy"`` for both, both get the VLM sizes.
     """
     from openpi.models import gemma as openpi_gemma
     from openpi.models_pytorch import gemma_pytorch
