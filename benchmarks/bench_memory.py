@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Peak memory of one training step at the REAL pi0 / pi0.5 sizes (2B VLM + 300M expert), on CPU.
+"""Peak memory of one training step at the REAL pi0 / pi0.5 sizes (2B VLM + 300M expert) and the REAL
+GR00T N1.7 (Cosmos-Reason2-2B backbone, 16 of its 28 LM layers kept, + the 32-block DiT head), on CPU.
 
 Run from the repository root (random weights built from LeRobot's own configs; nothing is downloaded)::
 
@@ -23,10 +24,36 @@ It then runs ``--steps`` training steps (``forward`` + ``backward`` + ``AdamW.st
 kernel's RSS high-water mark (``VmHWM``): the whole process's peak, weights included. The parent's
 sampled peak is reported next to it (they agree to a few %; the kernel's is exact).
 
-Configurations: stock full fine-tuning, stock expert-only (``train_expert_only=True,
-freeze_vision_encoder=True``), APT Stage 1, APT Stage 2 with the VLM frozen, and APT Stage 2 with LoRA
-on the VLM. The claim under test: APT Stage 1 of the real pi0 trains on a machine where stock
-expert-only runs out of memory.
+Fast build, same memory. The random values of the weights do not matter for memory, only which
+tensors exist, in which dtype, and that every page of them has been written once (an untouched
+``torch.empty`` page is not resident). Running PyTorch's and transformers' initialisers over 4B
+parameters (kaiming/normal/trunc-normal, several passes per tensor) is what made a real-size child
+take 10-18 minutes on 2 vCPUs. So while the policy is built, every initialiser in ``torch.nn.init``
+(and the copies transformers keeps in ``transformers.initialization``) is a no-op for a tensor of
+``FAST_INIT_NUMEL`` elements or more (small tensors: norms, biases, gates, keep their real init), and
+after the build every such large parameter is filled once with ``uniform_(-a, a)``, std 0.02. Each
+parameter is still allocated by the host's own constructors, in the host's dtypes and layout, and
+written in full before the step, so the weights' resident bytes, the gradients, AdamW's state and
+the activations are the ones a real initialisation gives; the values are finite and non-degenerate,
+so the loss and gradients are finite (checked: the row records the losses). Only the build time
+changes (about a minute instead of 10-18).
+
+GR00T N1.7 (``--policies groot``): the real LeRobot ``GrootPolicy`` / ``APTGrootPolicy`` loaded from a
+directory holding LeRobot's own ``GR00TN17Config()`` (the N1.7 defaults: backbone
+``nvidia/Cosmos-Reason2-2B``, built from LeRobot's hard-coded copy of its config, so nothing is
+downloaded) and an empty ``model.safetensors``: transformers' loader creates every parameter as a
+missing key (its documented behaviour, re-initialised), under the same fast initialisation. Weights
+in bfloat16 (``model_params_fp32=False``; LeRobot's default ``model_params_fp32=True`` keeps float32
+master weights, twice the weight bytes) with LeRobot's bf16 autocast (``use_bf16=True``). The batch is
+model-ready (the groot processor needs the Cosmos tokenizer from the hub), laid out as the processor
+lays it out (``bench_groot.make_batch``): cameras of 256x256 (GR00T's image target size; 64 tokens
+each after the 2x2 merge) and a short instruction.
+
+Configurations: stock full fine-tuning, stock expert-only (pi: ``train_expert_only=True,
+freeze_vision_encoder=True``; groot: LeRobot's default ``GrootConfig()``, ``tune_llm=False,
+tune_visual=False``: the backbone frozen, projector + vlln + DiT trained), APT Stage 1, APT Stage 2
+with the VLM frozen, and APT Stage 2 with LoRA on the VLM. The claim under test: APT Stage 1 of the
+real pi0 trains on a machine where stock expert-only runs out of memory.
 """
 
 from __future__ import annotations
@@ -48,8 +75,74 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = ("full_ft", "expert_only", "apt_stage1", "apt_stage2", "apt_stage2_lora")
 LABELS = {"full_ft": "stock full FT", "expert_only": "stock expert-only", "apt_stage1": "APT Stage 1",
           "apt_stage2": "APT Stage 2 (frozen VLM)", "apt_stage2_lora": "APT Stage 2 (LoRA VLM)"}
-POLICIES = ("pi0", "pi05")
+# GR00T has no expert-only flag: its stock default (backbone frozen) takes that row.
+GROOT_LABELS = {**LABELS, "expert_only": "stock default (frozen backbone)"}
+POLICIES = ("pi0", "pi05", "groot")
 GB = 10**9
+# Initialisers skip tensors this large while the policy is built; they are filled once afterwards.
+FAST_INIT_NUMEL = 1 << 16
+FAST_INIT_STD = 0.02
+
+
+def label(policy: str, config: str) -> str:
+    return (GROOT_LABELS if policy == "groot" else LABELS)[config]
+
+
+# --------------------------------------------------------------------------------------- fast init
+class fast_init:
+    """While active, every ``torch.nn.init`` initialiser (and transformers' recorded copies) leaves a
+    tensor of ``FAST_INIT_NUMEL`` elements or more untouched; small tensors get their real init.
+
+    Call :func:`fill_large_parameters` on the built module afterwards: the skipped tensors hold
+    whatever ``torch.empty`` gave them until then.
+    """
+
+    def __enter__(self):
+        import torch
+        import transformers.initialization as hf_init
+
+        self._saved: list[tuple[Any, str, Any]] = []
+
+        def skipping(original):
+            def init(tensor, *args, **kwargs):
+                if tensor.numel() >= FAST_INIT_NUMEL:
+                    return tensor
+                return original(tensor, *args, **kwargs)
+            return init
+
+        for name, original in list(hf_init.TORCH_INIT_FUNCTIONS.items()):
+            self._saved.append((hf_init.TORCH_INIT_FUNCTIONS, name, original))
+            hf_init.TORCH_INIT_FUNCTIONS[name] = skipping(original)
+            if hasattr(torch.nn.init, name):
+                self._saved.append((torch.nn.init, name, getattr(torch.nn.init, name)))
+                setattr(torch.nn.init, name, skipping(getattr(torch.nn.init, name)))
+        return self
+
+    def __exit__(self, *exc):
+        for target, name, original in reversed(self._saved):
+            if isinstance(target, dict):
+                target[name] = original
+            else:
+                setattr(target, name, original)
+        return False
+
+
+def fill_large_parameters(module: Any, seed: int = 0) -> int:
+    """Write every parameter skipped by :class:`fast_init` once (uniform, std ``FAST_INIT_STD``);
+    returns how many elements were written."""
+    import torch
+
+    torch.manual_seed(seed)
+    bound = FAST_INIT_STD * 3**0.5
+    written = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.numel() >= FAST_INIT_NUMEL:
+                if p.is_meta:
+                    raise RuntimeError(f"parameter of shape {tuple(p.shape)} left on the meta device")
+                p.uniform_(-bound, bound)
+                written += p.numel()
+    return written
 
 
 # --------------------------------------------------------------------------------------- child
@@ -86,24 +179,30 @@ def child(policy: str, config: str, batch: int, steps: int, threads: int, quick:
     torch.set_default_dtype(torch.bfloat16)
     hf_modeling.local_torch_dtype = bf16_local_dtype
     try:
-        pol = common.build_policy(policy, build_config, s, apt_extra=extra)
+        with fast_init():
+            if policy == "groot":
+                pol, data = build_groot(build_config, quick, batch, extra)
+            else:
+                pol = common.build_policy(policy, build_config, s, apt_extra=extra)
     finally:
         torch.set_default_dtype(previous)
         hf_modeling.local_torch_dtype = hf_local_dtype
-    # LeRobot's dtype="bfloat16" casts paligemma_with_expert only (keeping its vision tower, projector and
-    # norms in float32); the small projections around it stay float32. Restore that layout for what the
-    # bf16 default created outside it (a few MB).
-    for name, module in pol.model.named_children():
-        if name != "paligemma_with_expert":
-            module.float()
+    if policy != "groot":
+        # LeRobot's dtype="bfloat16" casts paligemma_with_expert only (keeping its vision tower, projector
+        # and norms in float32); the small projections around it stay float32. Restore that layout for
+        # what the bf16 default created outside it (a few MB).
+        for name, module in pol.model.named_children():
+            if name != "paligemma_with_expert":
+                module.float()
+        data = common.make_batch(policy, s)
+    filled = fill_large_parameters(pol)
     build_s = time.perf_counter() - t0
     params = list(pol.parameters())
     info = dict(params_total=sum(p.numel() for p in params),
                 params_trainable=sum(p.numel() for p in params if p.requires_grad),
                 weight_bytes=sum(p.numel() * p.element_size() for p in params), build_s=build_s,
-                dtypes=sorted({str(p.dtype) for p in params}))
+                fast_filled=filled, dtypes=sorted({str(p.dtype) for p in params}))
     del params
-    data = common.make_batch(policy, s)
     after_build = _vm_kib("VmRSS") * 1024
     print(json.dumps(dict(phase="stepping", rss_gb=after_build / GB, **info)), flush=True)
     cfg = pol.config
@@ -121,6 +220,75 @@ def child(policy: str, config: str, batch: int, steps: int, threads: int, quick:
         losses.append(float(loss.detach()))
     print(json.dumps(dict(phase="done", peak_gb=_vm_kib("VmHWM") * 1024 / GB, after_build_gb=after_build / GB,
                           step_s=times, losses=losses, **info)), flush=True)
+
+
+def build_groot(config: str, quick: bool, batch: int, apt_extra: dict[str, Any] | None):
+    """The real-size (or, ``quick``, tiny) LeRobot GR00T N1.7 policy for ``config`` and a model-ready batch.
+
+    Real size: a GR00T directory with ``GR00TN17Config()`` (LeRobot's N1.7 defaults, Cosmos-Reason2-2B
+    backbone from LeRobot's hard-coded config) and an empty ``model.safetensors``, so the transformers
+    loader creates every parameter as a missing key; nothing is downloaded and no weights are written.
+    """
+    import tempfile
+
+    import torch
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.groot.configuration_groot import GrootConfig
+    from lerobot.policies.groot.groot_n1_7 import GR00TN17Config
+    from lerobot.policies.groot.modeling_groot import GrootPolicy
+    from safetensors.torch import save_file
+
+    import bench_groot
+    from apt_plugins import AptConfig
+    from apt_plugins_lerobot_groot.configuration_apt_groot import APTGrootConfig
+    from apt_plugins_lerobot_groot.modeling_apt_groot import APTGrootPolicy
+
+    root = Path(tempfile.mkdtemp(prefix="bench_memory_groot_"))
+    if quick:
+        s = dict(bench_groot.SIZES["quick"], batch=batch)
+        directory = bench_groot.write_base_model(root, s)
+    else:
+        # The real Cosmos-Reason2-2B special token ids, image 256x256 (16 x 16 patches of 16 px, 64
+        # tokens after the 2x2 merge), N1.7's horizon 40 and 132-D state/action padding.
+        s = dict(bench_groot.SIZES["mid"], batch=batch, vocab=151936 + bench_groot.IMAGE_TOKEN_OFFSET,
+                 patch=16, merge=2, temporal=2, image_grid=(1, 16, 16), cameras=2, task_len=24, horizon=40,
+                 max_state_dim=132, max_action_dim=132, state_dim=14, action_dim=14)
+        directory = root / "groot"
+        GR00TN17Config().save_pretrained(directory)
+        save_file({}, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    px = s["image_grid"][1] * s["patch"]
+    inputs = {k: PolicyFeature(type=FeatureType.VISUAL, shape=(3, px, px)) for k in bench_groot.camera_keys(s)}
+    inputs["observation.state"] = PolicyFeature(type=FeatureType.STATE, shape=(s["state_dim"],))
+    outputs = {"action": PolicyFeature(type=FeatureType.ACTION, shape=(s["action_dim"],))}
+    fields: dict[str, Any] = dict(
+        device="cpu", use_bf16=True, model_params_fp32=False, chunk_size=s["horizon"], n_action_steps=s["horizon"],
+        max_state_dim=s["max_state_dim"], max_action_dim=s["max_action_dim"], base_model_path=str(directory),
+        input_features=inputs, output_features=outputs,
+    )
+    if config == "full_ft":
+        cfg, cls = GrootConfig(**fields, tune_llm=True, tune_visual=True), GrootPolicy
+    elif config == "expert_only":
+        cfg, cls = GrootConfig(**fields), GrootPolicy
+    elif config == "apt_stage1":
+        cfg, cls = APTGrootConfig(**fields, apt=AptConfig(stage=1).to_settings()), APTGrootPolicy
+    elif config == "apt_stage2":
+        apt = AptConfig(**{"stage": 2, "vlm_mode": "frozen", **(apt_extra or {})})
+        cfg, cls = APTGrootConfig(**fields, apt=apt.to_settings()), APTGrootPolicy
+    else:
+        raise ValueError(config)
+    torch.manual_seed(0)
+    pol = cls(cfg).train()
+    data = bench_groot.make_batch(s)
+    if not quick:
+        # make_batch puts the special ids at the top of the vocabulary; use the real Cosmos ones.
+        ids = bench_groot.special_ids(s)
+        real = dict(image=151655, video=151656, vision_start=151652, vision_end=151653, im_start=151644,
+                    im_end=151645, newline=198, pad=151643)
+        remapped = data["input_ids"].clone()
+        for name, value in ids.items():
+            remapped[data["input_ids"] == value] = real[name]
+        data["input_ids"] = remapped
+    return pol, data
 
 
 # --------------------------------------------------------------------------------------- parent
@@ -147,6 +315,8 @@ def measure(policy: str, config: str, args: argparse.Namespace) -> dict[str, Any
 
     margin = GB // 2  # room for everyone else's growth while the child runs
     cap = args.cap_gb
+    if args.start_before is not None and time.time() > args.start_before:
+        return dict(outcome="not measured", cap_gb=cap, reason="--start-before time passed before this row")
     deadline = time.monotonic() + args.wait_memory
     while available_bytes() < cap * GB + margin:
         if time.monotonic() > deadline:
@@ -213,7 +383,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             trainable = (f"{r['params_trainable'] / 1e6:.1f}M / {r['params_total'] / 1e6:.1f}M"
                          if r.get("params_total") else "-")
             step = f"{r['step_s'][-1]:.0f}" if r.get("step_s") else "-"
-            rows.append([policy, LABELS[config], trainable, weights, peak, step, verdict])
+            rows.append([policy, label(policy, config), trainable, weights, peak, step, verdict])
     return fmt_table(["policy", "configuration", "trainable / total params", "weights (GB)",
                       "peak RSS, one step (GB)", "step (s)", "verdict (cap in force)"], rows)
 
@@ -238,12 +408,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="also kill the child when the machine's available memory falls below this (other "
                          "processes grew), so the kernel's OOM killer never has to pick a victim")
     ap.add_argument("--timeout", type=float, default=1800.0, help="kill a child that runs longer (seconds)")
+    ap.add_argument("--start-before", type=_dt.datetime.fromisoformat, default=None, metavar="ISO_TIME",
+                    help="start no row after this time (e.g. 2026-12-02T08:05+00:00); later rows read "
+                         "'not measured' (a shared machine's time slot)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script and the watchdog")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--child", nargs=2, metavar=("POLICY", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cap_gb is None:
         args.cap_gb = 4.0 if args.quick else 14.0
+    if args.start_before is not None:
+        args.start_before = args.start_before.timestamp()
     if args.batch < 1 or args.steps < 1 or args.threads < 1 or args.cap_gb <= 0:
         ap.error("--batch, --steps and --threads must be >= 1 and --cap-gb > 0")
     if args.child:
@@ -264,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         for config in args.configs:
             row = measure(policy, config, args)
             report["rows"][policy][config] = row
-            print(f"  {policy:5s} {LABELS[config]:26s} {row['outcome']:12s} "
+            print(f"  {policy:5s} {label(policy, config):31s} {row['outcome']:12s} "
                   f"peak {row.get('peak_gb', row['sampled_peak_gb'] if 'sampled_peak_gb' in row else 0):.2f} GB "
                   f"(sampled {row.get('sampled_peak_gb', 0):.2f}) wall {row.get('wall_s', 0):.0f} s", flush=True)
             if args.json_out:  # after every row: a later kill of this script keeps what was measured
