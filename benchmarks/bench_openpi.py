@@ -238,6 +238,19 @@ def make_batch(policy: str, s: dict[str, Any]) -> dict[str, Any]:
     return flat_batch(tiny_batch(model_config(policy, s), batch_size=s["batch"]))
 
 
+def machine_info() -> dict[str, Any]:
+    """``bench_pi.machine_info`` with this environment's versions (openpi's transformers, no LeRobot)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = common.machine_info()
+    info.pop("lerobot", None)
+    try:
+        info["transformers"] = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover
+        pass
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--policies", nargs="+", default=["pi0", "pi05"], choices=["pi0", "pi05"])
@@ -274,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = dict(
         date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         command=("python benchmarks/bench_openpi.py " + " ".join(shlex.quote(a) for a in shown)).strip(),
-        machine=common.machine_info(), code=common.code_version(), size_name=size, sizes=s, steps=steps,
+        machine=machine_info(), code=common.code_version(), size_name=size, sizes=s, steps=steps,
         warmup=warmup, infer_reps=reps, threads=threads, wait_idle_s=wait_idle,
         loadavg_start=list(os.getloadavg()), policies={})
     print(f"bench_openpi: sizes={size} steps={steps} warmup={warmup} infer_reps={reps} threads={threads} "
