@@ -209,17 +209,26 @@ def child(policy: str, config: str, batch: int, steps: int, threads: int, quick:
     opt = torch.optim.AdamW(pol.get_optim_params(), lr=cfg.optimizer_lr, betas=cfg.optimizer_betas,
                             eps=cfg.optimizer_eps, weight_decay=cfg.optimizer_weight_decay)
     times, losses = [], []
+    before_optimizer = 0
     for i in range(steps):
         torch.manual_seed(10_000 + i)
         t = time.perf_counter()
+        # The phase lines say where a child killed at the cap was (the parent keeps the last one).
+        print(json.dumps(dict(phase="forward", after_build_gb=after_build / GB, **info)), flush=True)
         loss, _ = pol.forward(data)
+        print(json.dumps(dict(phase="backward", after_build_gb=after_build / GB, **info)), flush=True)
         loss.backward()
+        # High-water mark before AdamW's state first exists: what forward + backward alone need.
+        before_optimizer = max(before_optimizer, _vm_kib("VmHWM") * 1024)
+        print(json.dumps(dict(phase="optimizer step", peak_before_optimizer_gb=before_optimizer / GB,
+                              after_build_gb=after_build / GB, **info)), flush=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
     print(json.dumps(dict(phase="done", peak_gb=_vm_kib("VmHWM") * 1024 / GB, after_build_gb=after_build / GB,
-                          step_s=times, losses=losses, **info)), flush=True)
+                          peak_before_optimizer_gb=before_optimizer / GB, step_s=times, losses=losses, **info)),
+          flush=True)
 
 
 def build_groot(config: str, quick: bool, batch: int, apt_extra: dict[str, Any] | None):
@@ -375,7 +384,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 verdict = f"fits in {cap:g} GB"
             elif r["outcome"] == "exceeds":
                 peak = f"> {cap:g}"
-                verdict = f"exceeds {cap:g} GB (killed while {r.get('phase') or 'starting'})"
+                verdict = f"exceeds {cap:g} GB (killed during {r.get('phase') or 'start-up'})"
             else:
                 peak = "-"
                 verdict = f"{r['outcome']}: {r.get('reason') or r.get('error') or ''}".strip()
@@ -383,9 +392,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             trainable = (f"{r['params_trainable'] / 1e6:.1f}M / {r['params_total'] / 1e6:.1f}M"
                          if r.get("params_total") else "-")
             step = f"{r['step_s'][-1]:.0f}" if r.get("step_s") else "-"
-            rows.append([policy, label(policy, config), trainable, weights, peak, step, verdict])
-    return fmt_table(["policy", "configuration", "trainable / total params", "weights (GB)",
-                      "peak RSS, one step (GB)", "step (s)", "verdict (cap in force)"], rows)
+            after_build = r.get("after_build_gb") or r.get("rss_gb")  # rss_gb: the "stepping" line's
+            built = f"{after_build:.1f}" if after_build and r.get("phase") != "building" else "-"
+            before_opt = f"{r['peak_before_optimizer_gb']:.1f}" if r.get("peak_before_optimizer_gb") else "-"
+            rows.append([policy, label(policy, config), trainable, weights, built, before_opt, peak, step, verdict])
+    return fmt_table(["policy", "configuration", "trainable / total params", "weights (GB)", "RSS after build (GB)",
+                      "peak before AdamW step (GB)", "peak RSS, one step (GB)", "step (s)", "verdict (cap in force)"],
+                     rows)
 
 
 def main(argv: list[str] | None = None) -> int:
