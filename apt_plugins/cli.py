@@ -6,6 +6,7 @@ Commands:
 - ``apt-plugins report``: the Stage 1 -> Stage 2 invariant report on tiny real models.
 - ``apt-plugins retrofit SRC OUT --stage {1,2}``: turn a plain LeRobot checkpoint into an APT one (an openpi one with ``--openpi-config``).
 - ``apt-plugins openpi-train CONFIG [openpi flags] --apt.stage=1``: APT inside openpi's own PyTorch trainer.
+- ``apt-plugins convert SRC OUT --to {lerobot,openpi}``: pi0/pi0.5 checkpoints between the openpi and LeRobot layouts.
 - ``apt-plugins verify CHECKPOINT [--parent P] [--dataset-root DIR]``: the invariants on your checkpoint.
 - ``apt-plugins demo``: the whole story through ``lerobot-train`` on a synthetic dataset (CPU, offline).
 - ``apt-plugins eval-language --policy.path=CKPT --dataset.repo_id=REPO``: how much a policy follows its instruction.
@@ -123,6 +124,24 @@ def _cmd_openpi_train(args: argparse.Namespace) -> int:
     return _openpi_command("train_command", args)
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+    from .errors import AptError
+
+    model_config = None
+    if args.model_config:
+        try:
+            model_config = json.loads(args.model_config)
+        except json.JSONDecodeError as exc:
+            raise AptError(f"convert: --model-config is not JSON ({exc}); give the Pi0Config fields as an "
+                           "object, e.g. '{\"pi05\": false, \"action_horizon\": 50, \"max_token_len\": 48}'.") from None
+    report = convert_checkpoint(args.src, args.out, args.to, policy_type=args.policy_type,
+                                lerobot_template=args.lerobot_template, model_config=model_config,
+                                tie_embeddings=args.tie_embeddings)
+    print(report.summary())
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .lerobot.verify import format_checks, verify
 
@@ -192,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="an openpi TrainConfig name (debug, pi05_libero, ...)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="openpi's flags and --apt.<field>=<value> (docs/openpi.md)")
     p.set_defaults(func=_cmd_openpi_train)
+    p = sub.add_parser("convert", help="convert a pi0/pi0.5 checkpoint (plain or APT) between the openpi and LeRobot "
+                       "layouts; tensors are renamed, never changed (docs/openpi.md)")
+    p.add_argument("src", help="an openpi checkpoint step directory or a LeRobot pretrained_model directory")
+    p.add_argument("out", help="new output directory (absent or complete, never partial)")
+    p.add_argument("--to", choices=("lerobot", "openpi"), required=True, help="target layout")
+    p.add_argument("--policy-type", choices=("pi0", "pi05", "apt_pi0", "apt_pi05"),
+                   help="--to lerobot: the LeRobot type (default: from the source; must agree with it)")
+    p.add_argument("--lerobot-template", help="--to lerobot: a LeRobot pretrained_model directory whose config "
+                   "(features, normalisation) and processor files are taken over")
+    p.add_argument("--model-config", help="--to lerobot from a plain openpi checkpoint without config.json: the "
+                   "Pi0Config fields as JSON")
+    p.add_argument("--tie-embeddings", action="store_true", help="--to openpi: LeRobot's VLM embed_tokens and lm_head "
+                   "differ; keep the embedding as openpi's tied tensor and drop the unused lm_head")
+    p.set_defaults(func=_cmd_convert)
     p = sub.add_parser("verify", help="check the APT invariants on a checkpoint; exit 1 on a failure")
     p.add_argument("checkpoint", help="an APT pretrained_model directory (or a repo id in the local hub cache)")
     p.add_argument("--parent", help="the Stage-1 checkpoint a Stage-2 run started from")
