@@ -195,6 +195,30 @@ def test_untied_embeddings_need_the_flag(tmp_path):
     assert torch.equal(tensors[head], tensors[embed]) and back.written == 3
 
 
+def test_template_features_and_processors_are_taken_over(tmp_path):
+    from apt_plugins import AptError
+
+    src, template = tmp_path / "op", tmp_path / "template"
+    src.mkdir()
+    template.mkdir()
+    save_file({"state_proj.weight": torch.ones(2, 8)}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"model": {"pi05": False, "action_dim": 8, "action_horizon": 10,
+                                                           "max_token_len": 48, "pytorch_compile_mode": None}}))
+    features = {"observation.state": {"type": "STATE", "shape": [6]}}
+    (template / "config.json").write_text(json.dumps({"type": "pi0", "input_features": features, "chunk_size": 50,
+                                                      "n_action_steps": 50, "optimizer_lr": 1e-4}))
+    (template / "policy_preprocessor.json").write_text("{}")
+    (template / "policy_preprocessor_step_3_normalizer_processor.safetensors").write_bytes(b"stats")
+    with pytest.raises(AptError, match="--policy-type='apt_pi0'"):
+        convert_checkpoint(src, tmp_path / "out", "lerobot", policy_type="apt_pi0")  # plain: retrofit instead
+    convert_checkpoint(src, tmp_path / "out", "lerobot", lerobot_template=template)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["input_features"] == features and config["optimizer_lr"] == 1e-4
+    assert (config["chunk_size"], config["n_action_steps"], config["compile_model"]) == (10, 10, False)
+    assert (tmp_path / "out" / "policy_preprocessor_step_3_normalizer_processor.safetensors").read_bytes() == b"stats"
+    assert not (tmp_path / "out" / "apt_manifest.json").exists()
+
+
 @pytest.fixture(scope="module")
 def crossed(tmp_path_factory):
     """Every case converted both ways, with the outputs of both hosts (one openpi subprocess)."""
