@@ -230,3 +230,43 @@ def test_cache_fields_parse_from_the_lerobot_cli():
     with pytest.raises(AptConfigError, match=r"policy\.apt\.prefix_cache=.*needs a frozen VLM"):
         draccus.parse(APTPI0Config, args=["--apt.stage=2", "--apt.vlm_mode=lora", "--apt.prefix_cache=/tmp/c",
                                           "--device=cpu"])
+
+
+@pytest.mark.parametrize(("kv_heads", "rows", "width", "dim", "exact"), [
+    (1, 51, 179, 64, True),  # the mid-size expert layer: 51 suffix tokens against 128 cached + 51 own
+    (2, 5, 9, 16, False),  # tiny matrices: the BLAS may take another path (3.6e-7 seen)
+])
+def test_grouped_eager_attention_equals_transformers_eager(kv_heads, rows, width, dim, exact):
+    """The folded grouped-query eager attention (no repeat_kv) gives transformers' eager forward, bit
+    for bit at the benchmark's shapes (the tiny kit's: tests/test_lerobot_pi.py), including a fully
+    masked row, and its gradients to float rounding."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma import modeling_gemma
+
+    from apt_plugins_lerobot_pi.modeling import _eager_grouped
+
+    g = torch.Generator().manual_seed(0)
+    bsz, heads = 2, 8
+    q_base = torch.randn(bsz, rows, heads, dim, generator=g)
+    k_base = torch.randn(bsz, kv_heads, width, dim, generator=g)
+    v_base = torch.randn(bsz, kv_heads, width, dim, generator=g)
+    mask = torch.zeros(bsz, 1, rows, width)
+    mask[0, :, :, -3:] = torch.finfo(torch.float32).min
+    mask[1, :, 2, :] = torch.finfo(torch.float32).min  # a row with every column masked stays finite
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=True)
+
+    def run(fn):
+        q, k, v = (t.clone().requires_grad_(True) for t in (q_base, k_base, v_base))
+        out = fn(q.transpose(1, 2), k, v)  # q as _layer passes it: a transposed (B, Q, H, D)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), (q.grad, k.grad, v.grad)
+
+    want, want_grads = run(lambda q, k, v: modeling_gemma.eager_attention_forward(module, q, k, v, mask, 0.25)[0])
+    got, got_grads = run(lambda q, k, v: _eager_grouped(q, k, v, mask, 0.25))
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    if exact:
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -76,12 +76,15 @@ class PrefixContext:
 def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask4d: Tensor, attention: str) -> Tensor:
     """Multi-head attention of ``q`` over ``k``/``v`` under LeRobot's additive mask; ``(B, Q, H, D)`` out.
 
-    ``eager`` is transformers' ``eager_attention_forward`` (what LeRobot runs). ``sdpa`` is
+    ``eager`` is transformers' ``eager_attention_forward`` (what LeRobot runs), with grouped queries
+    folded (:func:`_eager_grouped`) when there are fewer key/value heads than query heads. ``sdpa`` is
     ``F.scaled_dot_product_attention`` with the same additive mask: masked columns get the same
     large finite negative, so a row whose every column is masked (padding slots of the compacted
     prefix) stays finite, as in eager, and never turns into NaN that a later 0-weight would spread.
     """
     if attention == "eager":
+        if k.shape[1] != q.shape[1] and mask4d.shape[1] == 1 and q.shape[1] % k.shape[1] == 0:
+            return _eager_grouped(q, k, v, mask4d, attn.scaling)
         out, _ = modeling_gemma.eager_attention_forward(attn, q, k, v, mask4d, scaling=attn.scaling)
         return out
     groups = q.shape[1] // k.shape[1]
@@ -92,6 +95,36 @@ def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask4d: Tensor, at
         bias = bias.clamp(min=low).to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, scale=attn.scaling)
     return out.transpose(1, 2)
+
+
+def _eager_grouped(q: Tensor, k: Tensor, v: Tensor, mask4d: Tensor, scaling: float) -> Tensor:
+    """transformers' eager attention for grouped queries, without repeating the keys/values.
+
+    ``q`` ``(B, H, Q, D)``, ``k``/``v`` ``(B, KV, K, D)`` with ``H = KV * G``, ``mask4d`` ``(B, 1, Q, K)``
+    additive. The ``G`` query heads that share a key/value head are folded into the query rows, so
+    each key/value head is one matmul over ``Q * G`` rows instead of ``G`` matmuls against ``G``
+    copies of it: the same ops in the same order per element as ``eager_attention_forward`` (scale,
+    mask, float32 softmax, cast back, no dropout: LeRobot's is 0), minus the ``repeat_kv`` copies and
+    their backward sums (about 40 % of an expert layer's attention time on the CPU at the mid size,
+    docs/benchmarks.md "Cached-prefix results"). The forward values equal the repeated form bit for
+    bit at the tiny-test, mid and real head sizes (``tests/test_lerobot_pi.py``,
+    ``tests/test_prefix_cache.py``); on very small matrices the BLAS may pick another kernel for the
+    taller matmul and differ in the last bit. The key/value gradients sum the groups inside one matmul
+    instead of after it, so they can differ from the repeated form in the last bits.
+    """
+    bsz, heads, rows, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    # (B, H, Q, D) -> (B, KV, Q * G, D): a view when KV == 1 and q is a transposed (B, Q, H, D), as here.
+    folded = q.transpose(1, 2).reshape(bsz, rows, kv_heads, groups, dim).transpose(1, 2)
+    folded = folded.reshape(bsz, kv_heads, rows * groups, dim)
+    scores = torch.matmul(folded, k.transpose(2, 3)) * scaling
+    width = scores.shape[-1]
+    scores = (scores.view(bsz, kv_heads, rows, groups, width) + mask4d[:, :, :, None, :]).view(
+        bsz, kv_heads, rows * groups, width)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(weights, v)  # (B, KV, Q * G, D)
+    return out.view(bsz, kv_heads, rows, groups, dim).transpose(1, 2).reshape(bsz, rows, heads, dim)
 
 
 def _layer(layer: nn.Module, hidden: Tensor, mask4d: Tensor, cos: Tensor, sin: Tensor, adarms: Tensor | None,
